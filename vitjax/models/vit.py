@@ -1,0 +1,306 @@
+"""ViT / DeiT in Flax Linen, with structural masks for heads, FFN neurons and tokens.
+
+`ViT(config).apply({'params': p}, images, masks)` is a pure function. A sub-network of the dense
+"supernet" is selected by a `Masks` pytree of fixed shape, so one compiled function serves every
+pruning policy; a physically pruned model is the same module built from a `ViTConfig` with
+per-layer sizes. The two give the same logits (see tests/test_model.py).
+
+Parameter layout (heads are an explicit axis, so head pruning is a slice):
+  patch_embed/kernel [P, P, C, d]  patch_embed/bias [d]
+  cls_token [1, 1, d]  dist_token [1, 1, d]  pos_embed [1, N, d]
+  blocks_{l}/norm1, norm2: LayerNorm scale/bias [d]
+  blocks_{l}/attn/qkv/kernel [d, 3, H, dh]  qkv/bias [3, H, dh]
+  blocks_{l}/attn/proj/kernel [H, dh, d]    proj/bias [d]
+  blocks_{l}/mlp/fc1/kernel [d, F]  fc1/bias [F]  fc2/kernel [F, d]  fc2/bias [d]
+  norm: LayerNorm [d]   head, head_dist: Dense [d, num_classes]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from vitjax.models.config import ViTConfig
+
+Array = jax.Array
+_NEG_INF = float("-inf")
+
+
+@flax.struct.dataclass
+class Masks:
+    """Which heads, FFN neurons and tokens of the dense model a sub-network keeps.
+
+    head:   [L, H] 1 keeps head h of layer l.
+    neuron: [L, F] 1 keeps FFN hidden unit j of layer l.
+    token:  [L, N] static token positions kept by the token selection layer of block l; a token
+            dropped at layer l stays dropped (the model takes the cumulative product).
+    token_keep: [L] int, alternative to `token`: each image keeps, at block l, its `token_keep[l]`
+            tokens (class/distillation tokens included) with the largest class-token attention.
+    Any field may be None (that dimension is not pruned). Values are traced arrays, so changing a
+    policy never recompiles.
+    """
+
+    head: Array | None = None
+    neuron: Array | None = None
+    token: Array | None = None
+    token_keep: Array | None = None
+
+
+def _drop_path(x: Array, rate: float, deterministic: bool, module: nn.Module) -> Array:
+    """Stochastic depth: drops the whole residual branch per sample."""
+    if deterministic or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def _select_by_class_attention(
+    cls_attn: Array, alive: Array, keep: Array, num_prefix: int
+) -> Array:
+    """Per-image token selection: keep the `keep` alive tokens with the largest class attention.
+
+    cls_attn: [B, N] class-token attention (mean over kept heads); alive: [B, N] bool.
+    Prefix tokens always win, dead tokens always lose; ties go to the lower position, which is
+    what the physically pruned model does too.
+    """
+    n = cls_attn.shape[-1]
+    score = jnp.where(alive, cls_attn, _NEG_INF)
+    score = score.at[:, :num_prefix].set(jnp.inf)
+    order = jnp.argsort(-score, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)
+    del n
+    return alive & (rank < keep)
+
+
+class Attention(nn.Module):
+    num_heads: int
+    head_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, head_mask=None, alive=None):
+        d = x.shape[-1]
+        init = nn.initializers.xavier_uniform()
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, self.head_dim), dtype=self.dtype, kernel_init=init, name="qkv"
+        )(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * self.head_dim**-0.5, k)
+        if alive is not None:
+            # Dropped tokens are no longer keys/values for anybody.
+            logits = jnp.where(alive[:, None, None, :], logits, _NEG_INF)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        heads = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        mixed = heads if head_mask is None else heads * head_mask[:, None].astype(heads.dtype)
+        out = nn.DenseGeneral(
+            d, axis=(-2, -1), dtype=self.dtype, kernel_init=init, name="proj"
+        )(mixed)
+        return out, heads, probs[:, :, 0, :]
+
+
+class Mlp(nn.Module):
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, neuron_mask=None):
+        d = x.shape[-1]
+        init = nn.initializers.xavier_uniform()
+        bias_init = nn.initializers.normal(1e-6)
+        hidden = nn.Dense(
+            self.hidden_dim, dtype=self.dtype, kernel_init=init, bias_init=bias_init, name="fc1"
+        )(x)
+        hidden = nn.gelu(hidden, approximate=False)  # timm/DeiT use the exact (erf) GELU
+        kept = hidden if neuron_mask is None else hidden * neuron_mask.astype(hidden.dtype)
+        out = nn.Dense(d, dtype=self.dtype, kernel_init=init, bias_init=bias_init, name="fc2")(
+            kept
+        )
+        return out, hidden
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with a token selection layer between MHSA and FFN."""
+
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    drop_path: float = 0.0
+    num_prefix: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, alive, masks, *, train: bool, keep_indices=None, keep_count=None):
+        """x: [B, N, d]; alive: [B, N] bool or None (None: every token is alive).
+
+        masks: dict with optional 'head' [H], 'neuron' [F], 'token' [N] (static), 'token_keep'
+        (scalar). keep_indices / keep_count: physical token selection of a pruned model.
+        """
+        ln = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)  # noqa: E731
+        aux = {}
+        head_mask = masks.get("head")
+        if self.num_heads:
+            attn_out, heads, cls_attn = Attention(
+                self.num_heads, self.head_dim, self.dtype, name="attn"
+            )(ln("norm1")(x), head_mask, alive)
+            if head_mask is not None:
+                # With every head dropped the sub-block is removed: no projection bias either.
+                attn_out = attn_out * jnp.any(head_mask > 0).astype(attn_out.dtype)
+            x = x + _drop_path(attn_out, self.drop_path, not train, self)
+            aux.update(attn_heads=heads, cls_attn=cls_attn)
+            if head_mask is None:
+                cls_attn_mean = cls_attn.mean(axis=1)
+            else:
+                weights = head_mask.astype(jnp.float32)
+                cls_attn_mean = jnp.einsum("bhn,h->bn", cls_attn, weights) / jnp.maximum(
+                    weights.sum(), 1.0
+                )
+        else:
+            cls_attn_mean = jnp.zeros(x.shape[:2], jnp.float32)
+        aux["tokens"] = x
+
+        # Token selection layer (no parameters).
+        if masks.get("token") is not None:
+            alive = masks["token"][None, :] > 0 if alive is None else alive & (masks["token"] > 0)
+        elif masks.get("token_keep") is not None:
+            alive = jnp.ones(x.shape[:2], bool) if alive is None else alive
+            alive = _select_by_class_attention(
+                cls_attn_mean, alive, masks["token_keep"], self.num_prefix
+            )
+        elif keep_indices is not None:
+            x = x[:, jnp.asarray(keep_indices)]
+        elif keep_count is not None and keep_count < x.shape[1]:
+            score = cls_attn_mean.at[:, : self.num_prefix].set(jnp.inf)
+            order = jnp.argsort(-score, axis=-1, stable=True)[:, :keep_count]
+            x = jnp.take_along_axis(x, jnp.sort(order, axis=-1)[..., None], axis=1)
+        if alive is not None:
+            aux["alive"] = jnp.broadcast_to(alive, x.shape[:2])
+
+        neuron_mask = masks.get("neuron")
+        if self.mlp_dim:
+            mlp_out, hidden = Mlp(self.mlp_dim, self.dtype, name="mlp")(
+                ln("norm2")(x), neuron_mask
+            )
+            if neuron_mask is not None:
+                mlp_out = mlp_out * jnp.any(neuron_mask > 0).astype(mlp_out.dtype)
+            x = x + _drop_path(mlp_out, self.drop_path, not train, self)
+            aux["ffn_hidden"] = hidden
+        return x, alive, aux
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches times one matrix: a conv with stride = kernel, without the conv."""
+
+    patch_size: int
+    embed_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        p = self.patch_size
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (p, p, c, self.embed_dim)
+        ).astype(self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.embed_dim,)).astype(self.dtype)
+        patches = x.reshape(b, h // p, p, w // p, p, c)
+        x = jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel) + bias
+        return x.reshape(b, (h // p) * (w // p), self.embed_dim)
+
+
+class ViT(nn.Module):
+    """ViT/DeiT classifier. `__call__(images, masks=None, train=False) -> (logits, aux)`.
+
+    images: [B, H, W, C] float, already normalised.
+    aux: {'pre_logits': [B, d], 'blocks': [per-block dict]} with, per block,
+      attn_heads [B, N, H, dh] per-head attention outputs (before the output projection),
+      cls_attn [B, H, N] attention probabilities of the class token,
+      tokens [B, N, d] token features after attention (input of the token selection layer),
+      ffn_hidden [B, N', F] FFN activations after GELU, before neuron masking,
+      alive [B, N] tokens alive after the token selection layer (masked runs only).
+    Under jit, parts of aux the caller does not use cost nothing.
+    """
+
+    config: ViTConfig
+    drop_path_rate: float = 0.0  # stochastic depth at the last block (linear from 0)
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+    @nn.compact
+    def __call__(self, images, masks: Masks | None = None, train: bool = False):
+        cfg = self.config
+        if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.in_chans):
+            raise ValueError(
+                f"images have shape {images.shape}; this model expects "
+                f"[batch, {cfg.image_size}, {cfg.image_size}, {cfg.in_chans}]"
+            )
+        if masks is not None and cfg.is_pruned:
+            raise ValueError("masks select sub-networks of a dense model; this model is pruned")
+        d = cfg.embed_dim
+        x = images.astype(self.dtype)
+
+        x = PatchEmbed(cfg.patch_size, d, self.dtype, name="patch_embed")(x)
+
+        tok_init = nn.initializers.truncated_normal(0.02)
+        prefix = [self.param("cls_token", tok_init, (1, 1, d))]
+        if cfg.distilled:
+            prefix.append(self.param("dist_token", tok_init, (1, 1, d)))
+        prefix = [jnp.broadcast_to(t.astype(self.dtype), (x.shape[0], 1, d)) for t in prefix]
+        x = jnp.concatenate([*prefix, x], axis=1)
+        x = x + self.param("pos_embed", tok_init, (1, cfg.num_tokens, d)).astype(self.dtype)
+
+        alive = None
+        blocks_aux = []
+        for layer in range(cfg.depth):
+            layer_masks = {}
+            if masks is not None:
+                for name in ("head", "neuron", "token", "token_keep"):
+                    value = getattr(masks, name)
+                    if value is not None:
+                        layer_masks[name] = value[layer]
+            keep_indices = keep_count = None
+            if cfg.layer_token_indices is not None:
+                keep_indices = cfg.layer_token_indices[layer]
+            elif cfg.layer_tokens is not None:
+                keep_count = cfg.layer_tokens[layer]
+            rate = self.drop_path_rate * layer / max(cfg.depth - 1, 1)
+            x, alive, block_aux = Block(
+                num_heads=cfg.heads_at(layer),
+                head_dim=cfg.dim_per_head,
+                mlp_dim=cfg.mlp_dim_at(layer),
+                drop_path=rate,
+                num_prefix=cfg.num_prefix_tokens,
+                dtype=self.dtype,
+                name=f"blocks_{layer}",
+            )(x, alive, layer_masks, train=train, keep_indices=keep_indices, keep_count=keep_count)
+            blocks_aux.append(block_aux)
+
+        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        aux = {"blocks": blocks_aux, "pre_logits": x[:, 0]}
+        if not cfg.num_classes:
+            return x[:, 0].astype(jnp.float32), aux
+        head = lambda name: nn.Dense(  # noqa: E731
+            cfg.num_classes, dtype=self.dtype, kernel_init=tok_init, name=name
+        )
+        logits = head("head")(x[:, 0]).astype(jnp.float32)
+        if cfg.distilled:
+            # DeiT distilled: without a teacher both heads are trained alike; average them.
+            logits_dist = head("head_dist")(x[:, 1]).astype(jnp.float32)
+            aux.update(logits_cls=logits, logits_dist=logits_dist)
+            logits = (logits + logits_dist) / 2
+        return logits, aux
+
+
+def create_model(config: ViTConfig, **kwargs) -> ViT:
+    return ViT(config=config, **kwargs)
+
+
+def init_params(model: ViT, rng: Array, batch_size: int = 1):
+    """Initialises parameters without running the forward pass (shape inference only)."""
+    cfg = model.config
+    images = jnp.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.in_chans), jnp.float32)
+    return jax.jit(lambda r: model.init(r, images)["params"])(rng)
