@@ -1,0 +1,64 @@
+"""The embedded default: the whole pipeline on scikit-learn's bundled handwritten digits.
+
+    python -m vitjax.main --config=configs/digits.py --workdir=runs/digits
+
+Runs offline on two CPU cores in minutes: a small ViT (32x32 inputs, 4x4 patches, 65 tokens)
+is pretrained as a supernet over policies at 60% of its dense FLOPs, scored with HSIC, and the
+pruning criteria are compared (the paper's Fig. 1). See BUILD_NOTES.md for what it reaches.
+"""
+
+import ml_collections
+
+from vitjax.data.config import digits_data_config, light_augment_config
+from vitjax.training.config import (
+    default_distributed_config,
+    default_mesh_config,
+    default_train_config,
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.stages = "pretrain,score,criteria"
+    config.seed = 0
+    # The FLOPs budget T as a fraction of the dense model (0.6: the paper's "40% reduction").
+    # Sets config.train.target_gmacs unless that is given explicitly.
+    config.target_flops_fraction = 0.6
+
+    config.model = ml_collections.ConfigDict(dict(
+        variant="",  # e.g. 'S/16'; empty: the fields below
+        num_classes=10,
+        image_size=32,
+        patch_size=4,
+        embed_dim=96,
+        depth=4,
+        num_heads=4,
+        mlp_dim=384,
+        distilled=False,
+        dtype="float32",  # compute dtype; 'bfloat16' on accelerators
+    ))
+    # Start from converted timm/DeiT weights instead of from scratch (path to .pth/.safetensors).
+    config.init = ml_collections.ConfigDict(dict(checkpoint=""))
+
+    config.data = digits_data_config(image_size=32, holdout_per_class=10)
+    config.augment = light_augment_config()
+
+    config.train = default_train_config()
+    config.train.steps = 1500
+    config.train.batch_size = 128
+    config.train.lr = 2e-3
+    config.train.warmup_steps = 100
+    config.train.drop_path = 0.0
+    config.train.target_tol = 0.2
+    config.train.token_mode = "attention"
+    config.train.score_every = 500
+    config.train.log_every = 100
+    config.train.eval_every = 500
+    config.train.ckpt_every = 250
+    config.mesh = default_mesh_config()
+    config.distributed = default_distributed_config()
+
+    # HSIC scoring (Sec. 3.2): 'paper' = Gaussian kernels, sigma 1, biased estimator.
+    config.score = ml_collections.ConfigDict(dict(preset="paper", batch_size=256))
+    return config

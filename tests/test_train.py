@@ -1,0 +1,272 @@
+"""Supernet trainer: one compiled step for all policies, checkpoints, resume, NaN, preemption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from vitjax.models import ViT, ViTConfig
+from vitjax.parallel import local_to_global, make_mesh
+from vitjax.training import (
+    ArrayBatches,
+    CheckpointError,
+    default_mesh_config,
+    default_train_config,
+    deit_train_config,
+    train,
+    weight_decay_mask,
+)
+from vitjax.training.optim import learning_rate_schedule, peak_learning_rate
+from vitjax.training.supernet import PolicySampler, fixed_eval_policies
+from vitjax.training.train import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Compilation dominates these tests on 2 CPUs: reuse compiled steps across tests and the
+# subprocesses (which inherit the variables).
+if not jax.config.jax_compilation_cache_dir:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "vitjax-jit")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+TINY = ViTConfig(
+    num_classes=10, image_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_dim=64
+)
+
+
+def _data(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    # Class-dependent means so that a few steps already reduce the loss.
+    images = rng.normal(size=(n, 8, 8, 3)).astype(np.float32) + labels[:, None, None, None] / 5
+    return images, labels
+
+
+def _config(steps=6, **train_overrides):
+    config = ml_collections.ConfigDict()
+    config.train = default_train_config()
+    config.train.update(
+        steps=steps, batch_size=16, eval_batch_size=32, warmup_steps=1, lr=3e-3, log_every=2,
+        eval_every=0, ckpt_every=2, target_gmacs=None, **train_overrides,
+    )
+    config.mesh = default_mesh_config()
+    config.mesh.data = 2
+    return config
+
+
+def _params_close(a, b, **tol):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
+
+
+def test_optimizer_recipe_and_weight_decay_mask():
+    deit = deit_train_config("B/16")
+    assert peak_learning_rate(deit) == pytest.approx(1e-3)  # Table 7: 1e-3 at batch 1024
+    assert deit.warmup_steps == 5 * (1_281_167 // 1024) and deit.weight_decay == 0.05
+    assert deit.label_smoothing == 0.1 and deit.drop_path == 0.1 and deit.sample_policies
+    assert not deit_train_config("S/16", finetune=True).sample_policies
+    schedule = learning_rate_schedule(dict(lr=1.0, batch_size=8, steps=10, warmup_steps=2,
+                                           warmup_lr=0.0, min_lr=0.1))
+    np.testing.assert_allclose([schedule(0), schedule(2), schedule(10)], [0.0, 1.0, 0.1], atol=1e-6)
+    params = jax.eval_shape(lambda k: ViT(TINY).init(k, np.zeros((1, 8, 8, 3)))["params"],
+                            jax.random.key(0))
+    mask = weight_decay_mask(params)
+    assert mask["blocks_0"]["attn"]["qkv"]["kernel"] and mask["patch_embed"]["kernel"]
+    assert not mask["blocks_0"]["attn"]["qkv"]["bias"] and not mask["blocks_0"]["norm1"]["scale"]
+    assert not mask["pos_embed"] and not mask["cls_token"] and not mask["head"]["bias"]
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    images, labels = _data(40)
+    a = ArrayBatches(images, labels, 16, seed=3)
+    b = ArrayBatches(images, labels, 16, seed=3)
+    np.testing.assert_array_equal(a(7)[1], b(7)[1])
+    # Every example once per epoch, epochs spliced across batch boundaries.
+    seen = np.concatenate([a.indices(s) for s in range(5)])  # 80 items = 2 epochs
+    assert sorted(seen[:40]) == list(range(40)) and sorted(seen[40:]) == list(range(40))
+    halves = [ArrayBatches(images, labels, 16, seed=3, rows=slice(i * 8, i * 8 + 8))(7)[1]
+              for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), a(7)[1])
+
+
+@pytest.mark.parametrize("sandwich,token_mode", [(False, "attention"), (True, "static")])
+def test_one_compiled_step_serves_every_policy(sandwich, token_mode):
+    train_cfg = default_train_config()
+    train_cfg.update(steps=10, warmup_steps=1, sandwich=sandwich, token_mode=token_mode,
+                     target_gmacs=None)
+    mesh = make_mesh({"data": 2})
+    trainer = Trainer(ViT(TINY), train_cfg, mesh)
+    state = trainer.create_state(seed=0)
+    sampler = PolicySampler(TINY, train_cfg)
+    images, labels = _data(16)
+    policies = set()
+    for step in range(4):
+        keep, gmacs = sampler(step)
+        assert keep["head"].shape == (3 if sandwich else 1, TINY.depth)
+        policies.add(tuple(keep["neuron"][0]))
+        state, metrics = trainer.train_step(
+            state, local_to_global(images, mesh, 16), local_to_global(labels, mesh, 16), keep
+        )
+        assert np.isfinite(float(metrics["loss"])) and gmacs > 0
+    assert len(policies) == 4  # a different sub-network every step ...
+    assert trainer.trace_counts["train_step"] == 1  # ... from one trace
+    assert trainer.train_step._cache_size() == 1
+
+
+def test_fixed_eval_policies_and_deterministic_sampling():
+    cfg = ViTConfig.from_variant("S/16", num_classes=10)
+    policies = fixed_eval_policies(cfg, {"target_gmacs": 2.3})
+    from vitjax.pruning import count_flops
+
+    assert count_flops(cfg, policies["target"]).total <= 2.3
+    assert count_flops(cfg, policies["smallest"]).total < count_flops(cfg, policies["target"]).total
+    sampler = PolicySampler(cfg, {"seed": 1, "target_gmacs": 2.3, "target_tol": 0.1})
+    keep_a, gmacs = sampler(5)
+    keep_b, _ = PolicySampler(cfg, {"seed": 1, "target_gmacs": 2.3, "target_tol": 0.1})(5)
+    assert 2.3 * 0.9 <= gmacs <= 2.3
+    jax.tree.map(np.testing.assert_array_equal, keep_a, keep_b)
+
+
+def test_train_resume_and_checkpoint_errors(tmp_path):
+    images, labels = _data()
+    config = _config(steps=6)
+    batches = ArrayBatches(images, labels, 16, seed=0)
+    evals = {"test": (images[:40], labels[:40])}
+    result = train(config, str(tmp_path), model=ViT(TINY), train_batches=batches, eval_sets=evals)
+    assert result.step == 6 and not result.preempted
+    assert set(result.metrics) == {f"eval/test/{p}/{k}" for p in ("dense", "smallest")
+                                   for k in ("accuracy", "loss")}
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6"]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
+
+    # Done already: a second call restores instead of training again.
+    again = train(config, str(tmp_path), model=ViT(TINY), train_batches=batches, eval_sets=evals)
+    assert again.step == 6
+    _params_close(jax.device_get(again.params), jax.device_get(result.params), rtol=0, atol=0)
+
+    # A checkpoint of another configuration is refused, naming what changed.
+    other = _config(steps=6)
+    other.train.lr = 1e-2
+    with pytest.raises(CheckpointError, match="another configuration.*lr"):
+        train(other, str(tmp_path), model=ViT(TINY), train_batches=batches)
+
+    # A damaged checkpoint is an error, never a silent restart.
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "6" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(CheckpointError, match="checkpoints/6"):
+        train(config, str(tmp_path), model=ViT(TINY), train_batches=batches)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    images, labels = _data()
+    clean = ArrayBatches(images, labels, 16, seed=0)
+
+    def batches(step):
+        x, y = clean(step)
+        return (x * np.nan if step == 4 else x), y
+
+    message = "non-finite at step 4.*Last good checkpoint: step 4"
+    with pytest.raises(FloatingPointError, match=message):
+        train(_config(steps=8), str(tmp_path), model=ViT(TINY), train_batches=batches)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    sys.path.insert(0, sys.argv[3])
+    import numpy as np
+    import test_train as t
+    from vitjax.models import ViT
+    from vitjax.training import ArrayBatches, train
+
+    workdir, delay = sys.argv[1], float(sys.argv[2])
+    images, labels = t._data()
+    clean = ArrayBatches(images, labels, 16, seed=0)
+
+    def batches(step):
+        time.sleep(delay)  # slow enough to be killed in the middle
+        return clean(step)
+
+    result = train(t._config(steps=12), workdir, model=ViT(t.TINY), train_batches=batches)
+    print("RESULT", json.dumps({"step": result.step, "preempted": result.preempted}), flush=True)
+    """
+)
+
+
+def _start(tmp_path, workdir, delay):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(workdir), str(delay), os.path.dirname(__file__)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+
+
+def _wait_for_checkpoint(workdir, min_step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = workdir / "checkpoints"
+        steps = [int(n) for n in os.listdir(path) if n.isdigit()] if path.exists() else []
+        if steps and max(steps) >= min_step:
+            return max(steps)
+        if proc.poll() is not None:
+            raise AssertionError(f"worker ended early:\n{proc.stdout.read()}")
+        time.sleep(0.1)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(tmp_path):
+    images, labels = _data()
+    batches = ArrayBatches(images, labels, 16, seed=0)
+    reference = train(_config(steps=12), str(tmp_path / "reference"), model=ViT(TINY),
+                      train_batches=batches)
+
+    # kill -9 after the first checkpoint: the unfinished save (if any) is never picked up.
+    workdir = tmp_path / "interrupted"
+    proc = _start(tmp_path, workdir, delay=0.5)
+    _wait_for_checkpoint(workdir, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    # Resume, then preempt with SIGTERM: it saves where it stands and exits cleanly.
+    proc = _start(tmp_path, workdir, delay=0.5)
+    seen = _wait_for_checkpoint(workdir, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    status = json.loads(out.split("RESULT", 1)[1])
+    assert status["preempted"] and seen <= status["step"] < 12, status
+    assert str(status["step"]) in os.listdir(workdir / "checkpoints")
+
+    resumed = train(_config(steps=12), str(workdir), model=ViT(TINY), train_batches=batches)
+    assert resumed.step == 12
+    _params_close(jax.device_get(resumed.params), jax.device_get(reference.params),
+                  rtol=0, atol=0)
+
+
+def test_finetune_mode_trains_a_pruned_model_without_masks(tmp_path):
+    from vitjax.pruning import Policy
+
+    pruned = Policy.uniform(TINY.depth, 0.5, 0.5, 0.3).pruned_config(TINY)
+    images, labels = _data()
+    config = _config(steps=2, sample_policies=False)
+    result = train(
+        config, str(tmp_path), model=ViT(pruned), train_batches=ArrayBatches(images, labels, 16),
+        eval_sets={"x": (images, labels)},
+    )
+    assert set(result.metrics) == {"eval/x/model/accuracy", "eval/x/model/loss"}
+    assert result.ranks is None
+    assert optax.global_norm(result.params) > 0

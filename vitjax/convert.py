@@ -1,0 +1,105 @@
+"""Converts weights between timm / DeiT checkpoints and vitjax's own format, either way.
+
+  python -m vitjax.convert deit_base_patch16_224.pth deit_b.safetensors   # timm -> vitjax
+  python -m vitjax.convert deit_b.safetensors deit_b_timm.safetensors     # vitjax -> timm
+  python -m vitjax.convert deit_b.safetensors deit_b_timm.pth             # (needs torch)
+
+The direction follows the input: a file written by vitjax (a .safetensors/.npz carrying
+'vitjax_config' metadata, see vitjax/interop/native.py) becomes a timm state dict (.safetensors,
+or .pth/.pt/.bin with torch); anything else (.pth/.pt/.bin, .safetensors, .npz timm state dict)
+becomes a vitjax file (.safetensors or .npz). Prints the architecture and parameter count. On bad
+input: one line on stderr, exit status 2, and no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vitjax.interop import files
+from vitjax.interop.native import NATIVE_SUFFIXES, is_native, load_native, save_native
+from vitjax.interop.timm import load_timm, save_timm
+
+_TIMM_OUT = (files.SAFETENSORS_SUFFIX, *files.TORCH_SUFFIXES)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vitjax.convert",
+        description="Convert ViT/DeiT weights between timm (PyTorch) and vitjax formats.",
+    )
+    parser.add_argument("input", help="timm checkpoint (.pth/.safetensors/.npz) or vitjax file")
+    parser.add_argument("output", help="vitjax (.safetensors/.npz) or timm (.safetensors/.pth)")
+    parser.add_argument("--variant", help="timm name such as deit_base_distilled_patch16_224")
+    parser.add_argument("--num-heads", type=int, help="heads per block (not stored in checkpoints)")
+    parser.add_argument("--image-size", type=int, help="resample position embeddings to this size")
+    parser.add_argument("--num-classes", type=int, help="0 drops the head; other counts reset it")
+    parser.add_argument("--non-strict", action="store_true", help="warn on missing/unknown keys")
+    return parser
+
+
+def describe(config) -> str:
+    return (
+        f"embed_dim={config.embed_dim} depth={config.depth} num_heads={config.num_heads} "
+        f"mlp_dim={config.mlp_dim} patch_size={config.patch_size} image_size={config.image_size} "
+        f"num_classes={config.num_classes} distilled={config.distilled}; "
+        f"{config.num_params():,} parameters"
+    )
+
+
+def _check_suffix(path: str, allowed: Sequence[str], what: str) -> None:
+    if Path(path).suffix.lower() not in allowed:
+        raise ValueError(f"{what} must end in {' or '.join(allowed)}, got {path!r}")
+
+
+def convert(args: argparse.Namespace) -> str:
+    """Does the conversion; returns the lines to print."""
+    if Path(args.input).resolve() == Path(args.output).resolve():
+        raise ValueError("input and output are the same file")
+    if is_native(args.input):
+        _check_suffix(args.output, _TIMM_OUT, "a timm output")
+        config, params = load_native(args.input)
+        save_timm(config, params, args.output)
+        return f"vitjax -> timm: {describe(config)}\nwrote {args.output}"
+    _check_suffix(args.output, NATIVE_SUFFIXES, "a vitjax output")
+    overrides = {} if args.num_heads is None else {"num_heads": args.num_heads}
+    model, params = load_timm(
+        args.input,
+        variant=args.variant,
+        strict=not args.non_strict,
+        image_size=args.image_size,
+        num_classes=args.num_classes,
+        **overrides,
+    )
+    save_native(args.output, model.config, params)
+    lines = [f"timm -> vitjax: {describe(model.config)}"]
+    if args.num_heads is None and args.variant is None:
+        lines.append(
+            f"note: num_heads={model.config.num_heads} was assumed (checkpoints do not store it); "
+            "pass --num-heads or --variant if that is wrong"
+        )
+    lines.append(f"wrote {args.output}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        print(convert(args))
+    except (ValueError, OSError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point (`vitjax-convert`)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,162 @@
+"""The `config.data` and `config.augment` blocks that select and shape the input pipeline.
+
+Experiment configs (configs/*.py) start from one of these and override fields, e.g.
+
+    config.data = imagenet_data_config(data_dir='gs://bucket/tfds')
+    config.augment = deit_augment_config()
+
+Every field is read by `vitjax.data.make_datasets`; nothing else in the pipeline has defaults of
+its own, so a config file fully describes what a run reads.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """All `config.data` fields with their meaning; presets below override a few."""
+    return ml_collections.ConfigDict(
+        dict(
+            source="digits",  # 'digits' | 'tfds' | 'folder'
+            # --- tfds ---
+            name="",  # TFDS dataset name, e.g. 'imagenet2012'
+            data_dir=None,  # TFDS data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+            manual_dir=None,  # where manually downloaded archives are (ImageNet tars)
+            prepare=False,  # True: run TFDS download_and_prepare (from manual_dir) if missing
+            image_key="image",
+            label_key="label",
+            # --- folder: root/<split>/<class name>/*.jpg|jpeg|png ---
+            root="",
+            # --- all sources ---
+            train_split="train",
+            eval_split="test",  # what finetuning/evaluation reports on ('validation' for ImageNet)
+            image_size=32,  # model input resolution
+            channels=3,  # grey sources are repeated to this many channels
+            num_classes=None,  # None: taken from the source; else checked against it
+            mean=(0.3, 0.3, 0.3),  # in [0, 1] pixel units
+            std=(0.4, 0.4, 0.4),
+            eval_crop_pct=0.875,  # eval: resize shorter side to image_size / crop_pct, centre crop
+            # Search hold-out: a class-balanced sample of the TRAIN split, deterministic by seed,
+            # never overlapping eval_split. 0 disables it.
+            holdout_per_class=10,
+            exclude_holdout_from_train=True,  # False: the paper's ImageNet setting
+            # TFDS only: the hold-out is drawn from the last `holdout_pool_fraction` of the split
+            # (TFDS stores examples shuffled, so that tail is a random sample); excluding the
+            # hold-out from training then sets that whole tail aside.
+            holdout_pool_fraction=0.1,
+            seed=0,  # shuffling, hold-out choice and per-example augmentation
+            shuffle_buffer=16_384,  # TFDS only; index-based sources shuffle exactly
+            cache_eval=True,  # keep preprocessed hold-out/eval images in host memory
+            # digits only
+            test_fraction=0.2,
+            num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
+            prefetch=2,  # host-side batches tf.data keeps ready
+        )
+    )
+
+
+def digits_data_config(image_size: int = 32, **overrides) -> ml_collections.ConfigDict:
+    """scikit-learn's bundled digits: the embedded, offline default."""
+    config = default_data_config()
+    config.update(
+        dict(
+            source="digits",
+            image_size=image_size,
+            num_classes=10,
+            mean=(0.3,) * 3,
+            std=(0.4,) * 3,
+            eval_crop_pct=1.0,  # 8x8 digits touch the border; a centre crop would cut strokes
+            holdout_per_class=10,
+            exclude_holdout_from_train=True,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def imagenet_data_config(**overrides) -> ml_collections.ConfigDict:
+    """ImageNet-1k through TFDS (`imagenet2012`), DeiT statistics, paper's 50/class hold-out."""
+    config = default_data_config()
+    config.update(
+        dict(
+            source="tfds",
+            name="imagenet2012",
+            train_split="train",
+            eval_split="validation",
+            image_size=224,
+            num_classes=1000,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            eval_crop_pct=0.875,  # 224 / 256
+            holdout_per_class=50,
+            exclude_holdout_from_train=False,
+            cache_eval=False,  # 50k images at 224px are 7.5 GB; cache per host only if it fits
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def folder_data_config(root: str, **overrides) -> ml_collections.ConfigDict:
+    """A folder of images `root/<split>/<class>/*.jpg` with ImageNet statistics."""
+    config = imagenet_data_config(source="folder", name="", root=root, eval_split="val")
+    config.update(overrides)
+    return config
+
+
+def deit_augment_config(**overrides) -> ml_collections.ConfigDict:
+    """DeiT's training recipe (DeiT Table 9; the compression paper's Table 7).
+
+    `mixup` and `cutmix` are the Beta-distribution alphas as in DeiT's code (its tables call
+    them "prob."): each batch gets cutmix with probability `switch_prob`, mixup otherwise.
+    """
+    config = ml_collections.ConfigDict(
+        dict(
+            random_resized_crop=True,
+            crop_scale=(0.08, 1.0),
+            crop_ratio=(3 / 4, 4 / 3),
+            flip=True,
+            # timm-style string 'rand-m9-mstd0.5-inc1', or None/'' to disable.
+            randaugment="rand-m9-mstd0.5-inc1",
+            random_erasing=0.25,  # probability per image ('pixel' mode, one box)
+            mixup=0.8,  # Beta alpha; 0 disables
+            cutmix=1.0,  # Beta alpha; 0 disables
+            mix_prob=1.0,  # probability that a batch is mixed at all
+            switch_prob=0.5,  # cutmix vs mixup when both are on
+            label_smoothing=0.1,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def light_augment_config(**overrides) -> ml_collections.ConfigDict:
+    """Mild augmentation for tiny datasets (digits): no flips (digits are not mirror-symmetric)."""
+    config = deit_augment_config(
+        crop_scale=(0.6, 1.0),
+        flip=False,
+        randaugment="",
+        random_erasing=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+        label_smoothing=0.1,
+    )
+    config.update(overrides)
+    return config
+
+
+def no_augment_config() -> ml_collections.ConfigDict:
+    """Training batches preprocessed exactly like evaluation batches."""
+    return deit_augment_config(
+        random_resized_crop=False,
+        flip=False,
+        randaugment="",
+        random_erasing=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+        label_smoothing=0.0,
+    )

@@ -1,0 +1,103 @@
+"""Which examples each process reads, and how local batches become global jax.Arrays.
+
+Every process runs the same input pipeline on its own slice of the data and produces a local
+batch of `global_batch // process_count` examples; `global_batch` stitches the local batches of
+all processes into one array sharded over the mesh's 'data' axis. A small background thread
+(`prefetch_to_device`) keeps the next batches already transferred while the step runs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def process_slice(
+    num_examples: int, process_index: int, process_count: int, *, drop_remainder: bool = True
+) -> tuple[int, int]:
+    """[start, end) of this process's contiguous part of `num_examples` items.
+
+    drop_remainder=True (training) gives every process exactly num_examples // process_count
+    items so all processes run the same number of steps; False (evaluation) covers every item,
+    the first `num_examples % process_count` processes getting one more.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if drop_remainder:
+        per = num_examples // process_count
+        return process_index * per, (process_index + 1) * per
+    base, extra = divmod(num_examples, process_count)
+    start = process_index * base + min(process_index, extra)
+    return start, start + base + (process_index < extra)
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the {process_count} "
+            "processes; choose a multiple of the process count"
+        )
+    return global_batch_size // process_count
+
+
+def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
+    """Leading (batch) dimension split over `axis`, everything else replicated."""
+    return NamedSharding(mesh, PartitionSpec(axis))
+
+
+def global_batch(local_batch: dict, mesh: Mesh, axis: str = "data") -> dict:
+    """Local numpy batch (this process's rows) -> global jax.Arrays sharded on `axis`."""
+    sharding = batch_sharding(mesh, axis)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
+
+
+class _Stop:
+    pass
+
+
+def prefetch_to_device(
+    batches: Iterable[dict], mesh: Mesh, size: int = 2, axis: str = "data"
+) -> Iterator[dict]:
+    """Yields `global_batch(b, mesh)` for each b, with up to `size` batches in flight.
+
+    The transfers are started by a daemon thread (jax dispatch is thread-safe), so host-to-device
+    copies overlap the train step. Errors of the producer are re-raised in the consumer.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=max(1, size))
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for batch in batches:
+                item = global_batch(batch, mesh, axis)
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_Stop())
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            buffer.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="prefetch_to_device")
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if isinstance(item, _Stop):
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,490 @@
+"""Supernet pretraining (Eq. 5, Alg. 1 lines 3-6) and plain training/finetuning, sharded.
+
+`train(config, workdir, model=..., train_batches=...)` runs one stage. With policy sampling on,
+every step draws a policy from U_T (seeded by (seed, step), so every host draws the same one),
+turns it into keep counts, and the jitted step builds the masks from the current ranks: one
+compiled step serves every policy. Ranks (heads/neurons, and token positions in 'static' mode)
+come from `rank_fn(params, images)` every `score_every` steps, `identity_ranks` without one.
+With sampling off (or a physically pruned model) it is an ordinary trainer: that is finetuning.
+
+Data boundary: `train_batches(step) -> (images [b, H, W, C], labels [b] int or [b, C] soft)`,
+this process's rows `local_batch_slice(mesh, batch_size)` of the global batch of `step`;
+`eval_sets: {name: (images, labels)}` in full on every process.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import periodic_actions
+
+from vitjax.models.vit import ViT
+from vitjax.parallel import mesh as mesh_lib
+from vitjax.pruning.masks import Ranks, identity_ranks, masks_from_ranks
+from vitjax.pruning.policy import KeepCounts
+from vitjax.training import checkpoint as ckpt_lib
+from vitjax.training import metrics as metrics_lib
+from vitjax.training.optim import make_optimizer
+from vitjax.training.supernet import PolicySampler, fixed_eval_policies, stack_keep_counts
+
+Batch = tuple[np.ndarray, np.ndarray]
+RankFn = Callable[[Any, jax.Array], Ranks]
+
+# Keys of config.train that do not change what a run computes: they may differ on resume.
+_BOOKKEEPING_KEYS = (
+    "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "async_checkpoints",
+    "eval_batch_size",
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps done
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2] raw key; per-step dropout keys fold in the step
+    ranks: dict[str, jax.Array] | None  # Ranks fields as a dict (None: no masking)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    params: Any  # global jax.Arrays on the training mesh (jax.device_get them on one host)
+    metrics: dict[str, float]  # last evaluation ('eval/<set>/<policy>/accuracy', ...)
+    step: int
+    preempted: bool = False  # stopped early by SIGTERM / preemption after saving
+    ranks: Ranks | None = None
+
+
+def ranks_to_dict(ranks: Ranks) -> dict[str, Any]:
+    out = {"head": ranks.head, "neuron": ranks.neuron}
+    if ranks.token is not None:
+        out["token"] = ranks.token
+    return out
+
+
+def ranks_from_dict(data: Mapping[str, Any] | None) -> Ranks | None:
+    if data is None:
+        return None
+    return Ranks(head=data["head"], neuron=data["neuron"], token=data.get("token"))
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Per-example loss and correctness; labels int [B] or soft [B, C] (mixup)."""
+    num_classes = logits.shape[-1]
+    if labels.ndim == 1:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+        hard = labels
+    else:
+        targets, hard = labels, jnp.argmax(labels, axis=-1)
+    loss = optax.softmax_cross_entropy(logits, targets)
+    return loss, (jnp.argmax(logits, axis=-1) == hard).astype(jnp.float32)
+
+
+def _keep_counts(keep: Mapping[str, jax.Array], index=None) -> KeepCounts:
+    pick = (lambda a: a) if index is None else (lambda a: a[index])
+    return KeepCounts(
+        neuron=pick(keep["neuron"]), head=pick(keep["head"]), token=pick(keep["token"])
+    )
+
+
+class Trainer:
+    """Sharded, jitted state creation, train step and eval step for one model and config."""
+
+    def __init__(self, model: ViT, train_config: Mapping[str, Any], mesh, mesh_config=None):
+        self.train_config = train_config
+        self.mesh = mesh
+        drop_path = train_config.get("drop_path")
+        self.model = model if drop_path is None else model.clone(drop_path_rate=float(drop_path))
+        self.config = model.config
+        sample = bool(train_config.get("sample_policies", True))
+        self.supernet = sample and not self.config.is_pruned
+        self.token_mode = train_config.get("token_mode", "attention")
+        if self.token_mode not in ("attention", "static"):
+            raise ValueError(
+                f"train.token_mode must be 'attention' or 'static', not {self.token_mode!r}"
+            )
+        self.tx, self.schedule = make_optimizer(train_config)
+        self.trace_counts: collections.Counter = collections.Counter()
+        mesh_config = dict(mesh_config or {})
+        self._fsdp = dict(
+            fsdp=bool(mesh_config.get("fsdp", False)),
+            fsdp_min_size=int(mesh_config.get("fsdp_min_size", 2**18)),
+        )
+        self.replicated = mesh_lib.replicated(mesh)
+        self.batch_sharding = mesh_lib.batch_sharding(mesh)
+        self._build()
+
+    # -- state ---------------------------------------------------------------------------------
+    def _dummy_images(self):
+        c = self.config
+        return jnp.zeros((1, c.image_size, c.image_size, c.in_chans), jnp.float32)
+
+    def _init_params(self, key):
+        return self.model.init({"params": key}, self._dummy_images())["params"]
+
+    def _initial_ranks(self):
+        if not self.supernet:
+            return None
+        return ranks_to_dict(identity_ranks(self.config, with_tokens=self.token_mode == "static"))
+
+    def _build(self):
+        abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        abstract_ranks = jax.eval_shape(self._initial_ranks)
+        self.param_shardings = mesh_lib.tree_shardings(abstract_params, self.mesh, **self._fsdp)
+        self.state_shardings = TrainState(
+            step=self.replicated,
+            params=self.param_shardings,
+            opt_state=mesh_lib.tree_shardings(abstract_opt, self.mesh, **self._fsdp),
+            rng=self.replicated,
+            ranks=jax.tree.map(lambda _: self.replicated, abstract_ranks),
+        )
+        abstract = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),
+            params=abstract_params,
+            opt_state=abstract_opt,
+            rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+            ranks=abstract_ranks,
+        )
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract, self.state_shardings,
+        )
+
+        def from_params(params, rng):
+            return TrainState(
+                step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                rng=rng, ranks=self._initial_ranks(),
+            )
+
+        def from_seed(rng):
+            init_key, _ = jax.random.split(jax.random.wrap_key_data(rng))
+            return from_params(self._init_params(init_key), rng)
+
+        self._from_params = jax.jit(from_params, out_shardings=self.state_shardings)
+        self._from_seed = jax.jit(from_seed, out_shardings=self.state_shardings)
+
+        metric_sharding = self.replicated
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding,
+                          self.replicated),
+            out_shardings=(self.state_shardings, metric_sharding),
+            donate_argnums=(0,),
+        )
+        self.eval_step = jax.jit(
+            self._eval_step,
+            in_shardings=(self.param_shardings, self.replicated, self.batch_sharding,
+                          self.batch_sharding, self.batch_sharding, self.replicated),
+            out_shardings=metric_sharding,
+        )
+        self._replicate = jax.jit(lambda tree: tree, out_shardings=self.replicated)
+
+    def create_state(self, seed: int, init_params=None) -> TrainState:
+        """Fresh state from `seed`; `init_params` (host arrays, e.g. converted timm weights)
+        replaces the random initialisation and must match the model's tree exactly."""
+        rng = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+        rng = mesh_lib.host_to_global(rng, self.replicated)
+        if init_params is None:
+            return self._from_seed(rng)
+        expected = self.abstract_state.params
+        got_struct, want_struct = jax.tree.structure(init_params), jax.tree.structure(expected)
+        if got_struct != want_struct:
+            raise ValueError(
+                f"init_params do not match the model's parameter tree: got {got_struct}, "
+                f"expected {want_struct}"
+            )
+        for path, leaf, want in zip(
+            jax.tree_util.tree_flatten_with_path(init_params)[0],
+            jax.tree.leaves(init_params), jax.tree.leaves(expected), strict=True,
+        ):
+            if tuple(np.shape(leaf)) != tuple(want.shape):
+                raise ValueError(
+                    f"init_params {jax.tree_util.keystr(path[0])} has shape {np.shape(leaf)}, "
+                    f"the model needs {want.shape}"
+                )
+        params = jax.tree.map(
+            lambda leaf, s: mesh_lib.host_to_global(np.asarray(leaf, s.dtype), s.sharding),
+            init_params, expected,
+        )
+        return self._from_params(params, rng)
+
+    def place_ranks(self, ranks: Ranks) -> dict[str, jax.Array]:
+        """Ranks as replicated global arrays in the layout of the state (any input layout)."""
+        expected = self.abstract_state.ranks
+        data = ranks_to_dict(ranks)
+        if set(data) != set(expected):
+            raise ValueError(
+                f"rank_fn returned ranks for {sorted(data)}; token_mode={self.token_mode!r} "
+                f"needs {sorted(expected)}"
+            )
+        placed = {}
+        for name, value in data.items():
+            if tuple(np.shape(value)) != tuple(expected[name].shape):
+                raise ValueError(
+                    f"ranks.{name} has shape {np.shape(value)}, expected {expected[name].shape}"
+                )
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                value = self._replicate(value)
+            placed[name] = mesh_lib.host_to_global(np.asarray(value, np.int32), self.replicated)
+        return placed
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _masks(self, ranks, keep):
+        return masks_from_ranks(self.config, ranks_from_dict(ranks), keep, self.token_mode)
+
+    def _train_step(self, state: TrainState, images, labels, keep):
+        """keep: {'head'|'neuron'|'token': int32 [K, L]} (K sub-networks) or None."""
+        self.trace_counts["train_step"] += 1  # runs only while tracing
+        smoothing = float(self.train_config.get("label_smoothing", 0.0))
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        subnets = 1 if keep is None else keep["head"].shape[0]
+
+        def loss_fn(params):
+            losses, first = [], None
+            for k in range(subnets):
+                masks = None if keep is None else self._masks(state.ranks, _keep_counts(keep, k))
+                logits, _ = self.model.apply(
+                    {"params": params}, images, masks=masks, train=True,
+                    rngs={"dropout": jax.random.fold_in(dropout_key, k)},
+                )
+                loss, correct = cross_entropy(logits, labels, smoothing)
+                losses.append(loss.mean())
+                if first is None:
+                    first = (loss.mean(), correct.mean())
+            # Sandwich: the mean over sub-networks keeps the gradient scale of a single one.
+            return sum(losses) / len(losses), first
+
+        (_, (loss, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+            "lr": self.schedule(state.step),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    def _eval_step(self, params, ranks, images, labels, weights, keep):
+        """Sums of loss / correct / count over a padded batch; keep: [L] counts or None."""
+        self.trace_counts["eval_step"] += 1
+        masks = None if keep is None else self._masks(ranks, _keep_counts(keep))
+        logits, _ = self.model.apply({"params": params}, images, masks=masks, train=False)
+        loss, correct = cross_entropy(logits, labels)
+        return {
+            "loss": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights),
+            "count": jnp.sum(weights),
+        }
+
+    def evaluate(self, state: TrainState, images, labels, keep=None, batch_size: int = 256):
+        """Accuracy and mean loss on a full eval set held by every process."""
+        data_size = self.mesh.shape[mesh_lib.DATA]
+        batch = max(data_size, math.ceil(batch_size / data_size) * data_size)
+        rows = mesh_lib.local_batch_slice(self.mesh, batch)
+        keep = None if keep is None else {
+            k: mesh_lib.host_to_global(v, self.replicated) for k, v in keep.items()
+        }
+        totals = collections.Counter()
+        for start in range(0, len(images), batch):
+            x, y = images[start : start + batch], labels[start : start + batch]
+            w = np.ones(len(x), np.float32)
+            if len(x) < batch:
+                pad = batch - len(x)
+                x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+                y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
+                w = np.concatenate([w, np.zeros(pad, np.float32)])
+            out = self.eval_step(
+                state.params, state.ranks,
+                *(mesh_lib.local_to_global(a[rows], self.mesh, batch) for a in (x, y, w)), keep,
+            )
+            for k, v in jax.device_get(out).items():
+                totals[k] += float(v)
+        return {"accuracy": totals["correct"] / totals["count"],
+                "loss": totals["loss"] / totals["count"]}
+
+
+def _run_config(config: ml_collections.ConfigDict, model: ViT, init_given: bool) -> dict:
+    train_cfg = {k: v for k, v in config.train.to_dict().items() if k not in _BOOKKEEPING_KEYS}
+    return {
+        "model": model.config.to_dict(), "dtype": str(jnp.dtype(model.dtype)),
+        "train": train_cfg, "init_params": bool(init_given),
+    }
+
+
+def _to_dict(cfg) -> dict:
+    if cfg is None:
+        return {}
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    model: ViT,
+    train_batches: Callable[[int], Batch],
+    eval_sets: Mapping[str, Batch] | None = None,
+    init_params=None,
+    rank_fn: RankFn | None = None,
+    score_batch: Batch | None = None,
+    mesh=None,
+) -> TrainResult:
+    """Trains `model` for `config.train.steps`, resuming from `workdir/checkpoints` if present.
+
+    rank_fn(params, images) -> Ranks is called on `score_batch` (default: the first training
+    batch) with global arrays, every `score_every` steps. Returns when done or preempted.
+    """
+    tcfg = config.train
+    if mesh is None:
+        mesh = mesh_lib.make_mesh(_to_dict(config.get("mesh")))
+    trainer = Trainer(model, tcfg, mesh, _to_dict(config.get("mesh")))
+    is_main = jax.process_index() == 0
+    steps, global_batch = int(tcfg.steps), int(tcfg.batch_size)
+    rows = mesh_lib.local_batch_slice(mesh, global_batch)
+    local_batch = rows.stop - rows.start
+    eval_sets = dict(eval_sets or {})
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        run_config=_run_config(config, model, init_params is not None),
+        keep=int(tcfg.get("keep_checkpoints", 3)),
+        async_save=bool(tcfg.get("async_checkpoints", True)),
+    )
+    state, start = checkpointer.restore(trainer.abstract_state)
+    if state is None:
+        state, start = trainer.create_state(int(tcfg.seed), init_params), 0
+    else:
+        logging.info("resumed from %s at step %d", checkpointer.directory, start)
+
+    sampler = PolicySampler(trainer.config, tcfg) if trainer.supernet else None
+    eval_policies = fixed_eval_policies(trainer.config, tcfg) if trainer.supernet else None
+    score_every = int(tcfg.get("score_every", 0) or 0)
+    score_images = None
+
+    def refresh_ranks(state: TrainState) -> TrainState:
+        nonlocal score_images
+        if rank_fn is None:
+            ranks = identity_ranks(trainer.config, with_tokens=trainer.token_mode == "static")
+        else:
+            if score_images is None:
+                # Each process holds its rows of the fixed scoring batch, like a training batch.
+                images = (score_batch or train_batches(0))[0]
+                score_images = mesh_lib.local_to_global(
+                    images, mesh, len(images) * jax.process_count()
+                )
+            ranks = rank_fn(state.params, score_images)
+        return state.replace(ranks=trainer.place_ranks(ranks))
+
+    def run_eval(state: TrainState) -> dict[str, float]:
+        out = {}
+        policies = eval_policies or {"model": None}
+        for set_name, (images, labels) in eval_sets.items():
+            for policy_name, policy in policies.items():
+                keep = None
+                if policy is not None:
+                    keep = {k: v[0] for k, v in stack_keep_counts(trainer.config, [policy]).items()}
+                result = trainer.evaluate(
+                    state, np.asarray(images), np.asarray(labels), keep,
+                    int(tcfg.get("eval_batch_size", 256)),
+                )
+                for k, v in result.items():
+                    out[f"eval/{set_name}/{policy_name}/{k}"] = v
+        return out
+
+    writer = metrics_lib.create_writer(workdir, is_main=is_main)
+    report = (
+        periodic_actions.ReportProgress(
+            num_train_steps=steps, writer=writer, every_steps=int(tcfg.log_every)
+        ) if is_main else None
+    )
+    watch = ckpt_lib.PreemptionWatch()
+    log_every, eval_every = int(tcfg.log_every), int(tcfg.get("eval_every", 0) or 0)
+    ckpt_every = int(tcfg.get("ckpt_every", 0) or 0)
+    history, history_steps, gmacs_history = [], [], []
+    eval_metrics: dict[str, float] = {}
+    preempted = False
+    done = start
+    try:
+        if is_main and start == 0:
+            logging.info(
+                "training %s for %d steps, global batch %d on mesh %s (supernet=%s)",
+                trainer.config, steps, global_batch, dict(mesh.shape), trainer.supernet,
+            )
+        for step in range(start, steps):
+            if trainer.supernet and (step == 0 or (score_every and step % score_every == 0)):
+                state = refresh_ranks(state)
+            keep, gmacs = (None, float("nan"))
+            if sampler is not None:
+                keep_np, gmacs = sampler(step)
+                keep = {
+                    k: mesh_lib.host_to_global(v, trainer.replicated) for k, v in keep_np.items()
+                }
+            images, labels = train_batches(step)
+            if len(images) != local_batch:
+                raise ValueError(
+                    f"train_batches({step}) gave {len(images)} rows; this process must supply "
+                    f"rows {rows.start}:{rows.stop} of the global batch of {global_batch}"
+                )
+            state, step_metrics = trainer.train_step(
+                state,
+                mesh_lib.local_to_global(images, mesh, global_batch),
+                mesh_lib.local_to_global(labels, mesh, global_batch),
+                keep,
+            )
+            done = step + 1
+            history.append(step_metrics)
+            history_steps.append(step)
+            gmacs_history.append(gmacs)
+            if report is not None:
+                report(done)
+            preempted = watch.should_stop(done)
+            save_now = preempted or done == steps or (ckpt_every and done % ckpt_every == 0)
+            eval_now = done == steps or (eval_every and done % eval_every == 0)
+            if save_now or eval_now or done % log_every == 0:
+                # Fetch and check before anything is written: a non-finite state is never saved.
+                fetched = jax.device_get(history)
+                bad = metrics_lib.first_nonfinite(fetched, history_steps)
+                if bad is not None:
+                    checkpointer.wait()
+                    raise FloatingPointError(
+                        f"training loss became non-finite at step {bad}; stopped without "
+                        f"saving. Last good checkpoint: step {checkpointer.latest_step()} in "
+                        f"{checkpointer.directory}. Lower train.lr or set train.grad_clip."
+                    )
+                summary = metrics_lib.mean_metrics(fetched)
+                if sampler is not None:
+                    summary["policy_gmacs"] = float(np.mean(gmacs_history))
+                writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
+                history, history_steps, gmacs_history = [], [], []
+            if eval_now and eval_sets:
+                eval_metrics = run_eval(state)
+                writer.write_scalars(done, eval_metrics)
+            if save_now:
+                checkpointer.save(done, state)
+            if preempted:
+                logging.warning("preempted: saved step %d, stopping", done)
+                break
+        if start >= steps and eval_sets:
+            eval_metrics = run_eval(state)
+    finally:
+        watch.close()
+        checkpointer.close()
+        writer.flush()
+    return TrainResult(
+        params=state.params, metrics=eval_metrics, step=done, preempted=preempted,
+        ranks=ranks_from_dict(state.ranks),
+    )
