@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices so sharding is exercised without accelerators."""
 import os
+import tempfile
 
 # Must happen before jax is imported anywhere in the test process.
 os.environ["XLA_FLAGS"] = (
@@ -7,5 +8,11 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Tests compile the same small programs in many processes (xdist workers, subprocess tests):
+# share them through JAX's persistent compilation cache.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "vitjax-test-jit-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # TensorFlow must never grab an accelerator in tests.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

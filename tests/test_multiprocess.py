@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import jax
@@ -73,8 +72,7 @@ def _run_pair(tmp_path, model_parallel: int):
     port = _free_port()
     workdir = tmp_path / f"run_model{model_parallel}"
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "vitjax-jit"))
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # The persistent compilation cache set up in conftest.py is inherited through os.environ.
     env.pop("XLA_FLAGS", None)
     procs = [
         subprocess.Popen(

@@ -1,5 +1,6 @@
 """Meshes and sharding rules; sharded training matches one device on 8 fake CPU devices."""
 
+
 import jax
 import numpy as np
 import pytest

@@ -13,7 +13,14 @@ from vitjax.pruning.masks import masks_from_ranks
 from vitjax.pruning.policy import Policy
 from vitjax.scoring import criteria
 from vitjax.scoring import hsic as hsic_lib
-from vitjax.scoring.scores import ScoreConfig, Scores, hsic_scores, score_model
+from vitjax.scoring.scores import (
+    ScoreConfig,
+    Scores,
+    hsic_scores,
+    load_scores,
+    save_scores,
+    score_model,
+)
 from vitjax.scoring.sweep import run_criteria_sweep
 
 TINY = ViTConfig(num_classes=5, image_size=16, patch_size=4, embed_dim=32, depth=2,
@@ -27,6 +34,8 @@ def np_gaussian(x, sigma):
 
 
 def np_feature_gram(x, config):
+    if config.standardize:
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     K, d2 = np_gaussian(x, 1.0)
     if config.sigma_mode == "fixed":
         return np_gaussian(x, config.sigma)[0]
@@ -70,6 +79,7 @@ def softmax(z):
     ScoreConfig.paper(),
     ScoreConfig(estimator="unbiased"),
     ScoreConfig(sigma_mode="median", output_kernel="linear"),
+    ScoreConfig(sigma_mode="median", standardize=True, output_kernel="gaussian"),
     ScoreConfig(sigma_mode="multi", estimator="unbiased", output_sigma=0.5),
     ScoreConfig(sigma_mode="fixed", sigma=3.0, output_kernel="linear", estimator="unbiased"),
 ])
@@ -201,6 +211,14 @@ def test_score_model_shapes_features_and_sharding(tiny_model):
     dynamic = masks_from_ranks(TINY, Scores(scores.head, scores.neuron).ranks(), keep,
                                "attention")
     assert dynamic.token_keep.shape == (L,)
+
+
+def test_scores_round_trip(tmp_path):
+    scores = Scores(jnp.arange(8.0).reshape(2, 4), jnp.ones((2, 6)), None)
+    save_scores(str(tmp_path / "scores.npz"), scores)
+    loaded = load_scores(str(tmp_path / "scores.npz"))
+    np.testing.assert_array_equal(loaded.head, scores.head)
+    assert loaded.token is None
 
 
 def test_criteria(tiny_model):

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -31,14 +30,6 @@ from vitjax.training.supernet import PolicySampler, fixed_eval_policies
 from vitjax.training.train import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Compilation dominates these tests on 2 CPUs: reuse compiled steps across tests and the
-# subprocesses (which inherit the variables).
-if not jax.config.jax_compilation_cache_dir:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "vitjax-jit")
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
 TINY = ViTConfig(
     num_classes=10, image_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_dim=64
 )
@@ -270,3 +261,31 @@ def test_finetune_mode_trains_a_pruned_model_without_masks(tmp_path):
     assert set(result.metrics) == {"eval/x/model/accuracy", "eval/x/model/loss"}
     assert result.ranks is None
     assert optax.global_norm(result.params) > 0
+    again = train(config, str(tmp_path), model=ViT(pruned),
+                  train_batches=ArrayBatches(images, labels, 16))  # restores the final state
+    assert again.step == 2 and again.ranks is None
+
+
+def test_rank_fn_refreshes_ranks_on_schedule(tmp_path):
+    import jax.numpy as jnp
+
+    from vitjax.pruning import Ranks, ranks_from_scores
+
+    calls = []
+
+    def rank_fn(params, images):
+        calls.append(images.shape)
+        blocks = [params[f"blocks_{layer}"] for layer in range(TINY.depth)]
+        head = jnp.stack([jnp.abs(b["attn"]["proj"]["kernel"]).sum(axis=(1, 2)) for b in blocks])
+        neuron = jnp.stack([jnp.abs(b["mlp"]["fc2"]["kernel"]).sum(axis=1) for b in blocks])
+        token = jnp.tile(-jnp.arange(TINY.num_tokens, dtype=jnp.float32), (TINY.depth, 1))
+        return Ranks(ranks_from_scores(head), ranks_from_scores(neuron), ranks_from_scores(token))
+
+    images, labels = _data()
+    config = _config(steps=5, score_every=2, token_mode="static")
+    result = train(config, str(tmp_path), model=ViT(TINY), train_batches=ArrayBatches(
+        images, labels, 16), rank_fn=rank_fn, score_batch=(images[:8], labels[:8]))
+    assert calls == [(8, 8, 8, 3)] * 3  # before steps 0, 2 and 4
+    assert result.ranks.token[0].tolist() == list(range(TINY.num_tokens))
+    assert result.ranks.neuron.shape == (TINY.depth, TINY.mlp_dim)
+    assert sorted(np.asarray(result.ranks.head[1]).tolist()) == list(range(TINY.num_heads))

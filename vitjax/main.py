@@ -7,7 +7,12 @@ Override any config field with `--config.<field>=<value>`, e.g. `--config.stages
 
 from __future__ import annotations
 
+import logging as pylogging
+import os
 import sys
+
+# TensorFlow (the input pipeline) must neither print its banner nor take accelerator memory.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,12 +25,21 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 
+def _quiet_orbax(record) -> bool:
+    """orbax logs every checkpoint write at INFO; keep its warnings, drop the chatter."""
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_quiet_orbax)
+    from vitjax.parallel import maybe_initialize
     from vitjax.pipeline import PipelineError, run_pipeline
 
     config = _CONFIG.value
+    # Multi-host: every process runs this same command; initialise before touching devices.
+    maybe_initialize(config.get("distributed"))
     workdir = _WORKDIR.value or config.get("workdir")
     if not workdir:
         raise app.UsageError("--workdir is required (or set config.workdir)")

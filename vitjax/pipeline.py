@@ -11,13 +11,14 @@ another stage is an error that says so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from vitjax.models import ViT, ViTConfig
 
@@ -69,10 +71,10 @@ def model_config_from(config: ml_collections.ConfigDict) -> ViTConfig:
         raise PipelineError(f"config.model is invalid: {e}") from None
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+def _write_json_atomic(path: epath.Path, data: Any) -> None:
+    tmp = path.parent / (path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def _json_default(value):
@@ -81,23 +83,35 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
+@contextlib.contextmanager
+def _local_copy(path: epath.Path):
+    """A local file with the contents of `path` (itself when it is local already)."""
+    if "://" not in str(path):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = epath.Path(tmp) / path.name
+        path.copy(local)
+        yield str(local)
+
+
 @dataclasses.dataclass
 class Context:
     """What stages share: the config, the workdir, and lazily built model and data."""
 
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: epath.Path  # local path or cloud URL (gs://...)
 
     @property
     def is_main(self) -> bool:
         return jax.process_index() == 0
 
-    def stage_dir(self, stage: str) -> Path:
+    def stage_dir(self, stage: str) -> epath.Path:
         path = self.workdir / stage
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def done_file(self, stage: str) -> Path:
+    def done_file(self, stage: str) -> epath.Path:
         return self.workdir / stage / "DONE.json"
 
     def summary(self, stage: str) -> dict:
@@ -151,27 +165,41 @@ class Context:
             raise PipelineError(str(e)) from None
 
     def eval_arrays(self, name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """An evaluation set ('holdout' / 'test') gathered into host arrays (padding dropped)."""
-        images, labels, seen = [], [], 0
-        for batch in self.datasets.eval_batches(name):
-            keep = batch["mask"] > 0
-            images.append(batch["image"][keep])
-            labels.append(batch["label"][keep])
-            seen += int(keep.sum())
-            if limit is not None and seen >= limit:
-                break
-        images, labels = np.concatenate(images), np.concatenate(labels)
+        """An evaluation set ('holdout' / 'test') as host arrays, in full on every process
+        (the pipeline gives each process its own padded share; they are gathered here)."""
+        batches = list(self.datasets.eval_batches(name))
+        images = np.concatenate([b["image"] for b in batches])
+        labels = np.concatenate([b["label"] for b in batches])
+        keep = np.concatenate([b["mask"] for b in batches]) > 0
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            images, labels, keep = (
+                np.asarray(multihost_utils.process_allgather(a, tiled=True))
+                for a in (images, labels, keep)
+            )
+        images, labels = images[keep], labels[keep]
         return (images[:limit], labels[:limit]) if limit else (images, labels)
 
-    def train_images(self, count: int) -> np.ndarray:
-        """The first `count` images of the training stream (a fixed sample for scoring)."""
+    def train_images(self, count: int, *, gather: bool = True) -> np.ndarray:
+        """A fixed sample of `count` training images (the first of the stream) for scoring.
+
+        Each process reads its `count // process_count` rows; `gather` assembles all of them on
+        every process, so every host computes the same scores and ranks.
+        """
+        local_count = max(count // jax.process_count(), 1)
         out, seen = [], 0
         for batch in self.datasets.train_batches(0):
             out.append(batch["image"])
             seen += len(batch["image"])
-            if seen >= count:
+            if seen >= local_count:
                 break
-        return np.concatenate(out)[:count]
+        images = np.concatenate(out)[:local_count]
+        if gather and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+        return images
 
     def load_supernet(self):
         from vitjax.interop import load_native
@@ -179,7 +207,8 @@ class Context:
         path = self.workdir / "pretrain" / SUPERNET_FILE
         if not path.exists():
             raise PipelineError(f"no supernet at {path}: run the pretrain stage first")
-        config, params = load_native(path)
+        with _local_copy(path) as local:
+            config, params = load_native(local)
         if config != self.model_config:
             raise PipelineError(
                 f"the supernet in {path} was trained for another architecture than "
@@ -192,7 +221,7 @@ class Context:
 
         fields = dict(self.config.get("score", {}))
         fields.pop("batch_size", None)
-        preset = fields.pop("preset", "paper")
+        preset = fields.pop("preset", "authors_code")
         make = {"paper": ScoreConfig.paper, "authors_code": ScoreConfig.authors_code}
         if preset not in make:
             raise PipelineError(f"config.score.preset must be one of {sorted(make)}")
@@ -204,19 +233,41 @@ class Context:
 
 class _StepBatches:
     """`step -> (images, labels)` over the data pipeline's sequential train stream: the trainer
-    asks for consecutive steps, and a jump (a resumed run) restarts the stream at that step."""
+    asks for consecutive steps, and a jump (a resumed run) restarts the stream at that step.
 
-    def __init__(self, datasets):
+    With mixup/cutmix in `config.augment`, each local batch is mixed on the host CPU with a key
+    derived from (seed, step, process), so a resumed run mixes exactly as an uninterrupted one.
+    Labels then are soft targets that already carry `augment.label_smoothing`.
+    """
+
+    def __init__(self, datasets, augment_config=None, seed: int = 0):
         self._datasets = datasets
         self._next_step: int | None = None
         self._iterator: Iterator[dict] | None = None
+        self._mix = None
+        mixing = augment_config is not None and max(
+            float(augment_config.get("mixup", 0.0)), float(augment_config.get("cutmix", 0.0))
+        ) > 0
+        if mixing:
+            from vitjax.data import mix_batch
+
+            self._cpu = jax.local_devices(backend="cpu")[0]
+            self._key = jax.random.fold_in(jax.random.key(seed), jax.process_index())
+            self._mix = jax.jit(functools.partial(
+                mix_batch, augment_config=augment_config, num_classes=datasets.num_classes
+            ))
 
     def __call__(self, step: int):
         if self._iterator is None or step != self._next_step:
             self._iterator = iter(self._datasets.train_batches(step))
         batch = next(self._iterator)
         self._next_step = step + 1
-        return batch["image"], batch["label"]
+        images, labels = batch["image"], batch["label"]
+        if self._mix is not None:
+            with jax.default_device(self._cpu):
+                images, labels = self._mix(jax.random.fold_in(self._key, step), images, labels)
+            images, labels = np.asarray(images), np.asarray(labels)
+        return images, labels
 
 
 def pretrain(ctx: Context) -> dict:
@@ -258,14 +309,19 @@ def pretrain(ctx: Context) -> dict:
     eval_sets = {name: ctx.eval_arrays(name) for name in datasets.eval_names}
     score_batch = int(ctx.config.get("score", {}).get("batch_size", 256))
     result = train(
-        config, str(out), model=model, train_batches=_StepBatches(datasets),
+        config, str(out), model=model,
+        train_batches=_StepBatches(datasets, config.get("augment"), int(config.train.seed)),
         eval_sets=eval_sets, init_params=init_params, rank_fn=rank_fn,
-        score_batch=(ctx.train_images(score_batch), None),
+        score_batch=(ctx.train_images(score_batch, gather=False), None),
     )
     if getattr(result, "preempted", False):
         raise PipelineError("pretraining was preempted; rerun the same command to resume")
     if ctx.is_main:
-        save_native(out / SUPERNET_FILE, ctx.model_config, jax.device_get(result.params))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, SUPERNET_FILE)
+            save_native(local, ctx.model_config, jax.device_get(result.params))
+            epath.Path(local).copy(out / (SUPERNET_FILE + ".tmp"), overwrite=True)
+            (out / (SUPERNET_FILE + ".tmp")).replace(out / SUPERNET_FILE)
     return {"metrics": getattr(result, "metrics", {}), "supernet": str(out / SUPERNET_FILE)}
 
 
@@ -287,8 +343,9 @@ def score(ctx: Context) -> dict:
         arrays.update({f"rank_{k}": np.asarray(v) for k, v in vars(ranks).items()
                        if v is not None})
         tmp = out / "scores.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out / "scores.npz")
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+        tmp.replace(out / "scores.npz")
     logging.info("scored %d images in %.1fs", len(images), seconds)
     return {"batch_size": len(images), "seconds": seconds, "file": str(out / "scores.npz")}
 
@@ -298,13 +355,14 @@ def load_ranks(ctx: Context):
     from vitjax.pruning import Ranks
 
     ctx.summary("score")
-    with np.load(ctx.workdir / "score" / "scores.npz") as data:
+    with (ctx.workdir / "score" / "scores.npz").open("rb") as f, np.load(f) as data:
         token = jnp.asarray(data["rank_token"]) if "rank_token" in data else None
         return Ranks(jnp.asarray(data["rank_head"]), jnp.asarray(data["rank_neuron"]), token)
 
 
 def criteria(ctx: Context) -> dict:
     """Fig. 1: accuracy without finetuning vs pruning ratio, per dimension and criterion."""
+    from vitjax.scoring import ScoreConfig
     from vitjax.scoring.sweep import run_criteria_sweep
 
     out = ctx.stage_dir("criteria")
@@ -314,6 +372,11 @@ def criteria(ctx: Context) -> dict:
     rows = run_criteria_sweep(
         ctx.model(), params, ctx.train_images(batch), images, labels, str(out),
         score_config=ctx.score_config(), seed=int(ctx.config.get("seed", 0)),
+        # The kernel bandwidth matters (BUILD_NOTES.md): compare the paper's fixed sigma = 1
+        # and the median heuristic with the configured scoring.
+        extra_hsic={"hsic-paper": ScoreConfig.paper(), "hsic-median": ScoreConfig(
+            sigma_mode="median")},
+        file_stem="criteria",
     )
     return {"rows": rows, "table": str(out / "criteria.md"), "plot": str(out / "criteria.png")}
 
@@ -327,7 +390,8 @@ _STAGES: dict[str, Callable[[Context], dict]] = {
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     stages = parse_stages(config.get("stages", ",".join(_STAGES)))
-    ctx = Context(config, Path(workdir))
+    local = "://" not in str(workdir)
+    ctx = Context(config, epath.Path(os.path.abspath(workdir) if local else workdir))
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
         _write_json_atomic(ctx.workdir / "config.json", config.to_dict())

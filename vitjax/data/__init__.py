@@ -1,5 +1,10 @@
 """Input pipeline: sources (digits, image folders, TFDS), DeiT preprocessing and augmentation,
-per-process sharding and device prefetch. Entry point: `make_datasets(config.data, ...)`."""
+per-process sharding and device prefetch. Entry point: `make_datasets(config.data, ...)`.
+
+The config presets and the digits loader import without TensorFlow; the pipeline names
+(`make_datasets`, `mix_batch`, ...) load TensorFlow on first use (PEP 562), so `import
+vitjax.data.digits` or a config file stays fast.
+"""
 
 from vitjax.data.config import (
     default_data_config,
@@ -11,28 +16,31 @@ from vitjax.data.config import (
     no_augment_config,
 )
 from vitjax.data.digits import digits_splits
-from vitjax.data.mixup import mix_batch, mixup_cutmix, smooth_labels
-from vitjax.data.pipeline import Datasets, class_balanced_sample, make_datasets
-from vitjax.data.sharding import global_batch, prefetch_to_device, process_slice
-from vitjax.data.sources import DatasetNotFoundError
+
+_TENSORFLOW_EXPORTS = {
+    "Datasets": "pipeline",
+    "class_balanced_sample": "pipeline",
+    "make_datasets": "pipeline",
+    "mix_batch": "mixup",
+    "mixup_cutmix": "mixup",
+    "smooth_labels": "mixup",
+    "global_batch": "sharding",
+    "prefetch_to_device": "sharding",
+    "process_slice": "sharding",
+    "DatasetNotFoundError": "sources",
+}
+
+
+def __getattr__(name):
+    if name in _TENSORFLOW_EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(f"vitjax.data.{_TENSORFLOW_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'vitjax.data' has no attribute {name!r}")
+
 
 __all__ = [
-    "Datasets",
-    "DatasetNotFoundError",
-    "class_balanced_sample",
-    "deit_augment_config",
-    "default_data_config",
-    "digits_data_config",
-    "digits_splits",
-    "folder_data_config",
-    "global_batch",
-    "imagenet_data_config",
-    "light_augment_config",
-    "make_datasets",
-    "mix_batch",
-    "mixup_cutmix",
-    "no_augment_config",
-    "prefetch_to_device",
-    "process_slice",
-    "smooth_labels",
+    "deit_augment_config", "default_data_config", "digits_data_config", "digits_splits",
+    "folder_data_config", "imagenet_data_config", "light_augment_config", "no_augment_config",
+    *_TENSORFLOW_EXPORTS,
 ]

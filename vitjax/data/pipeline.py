@@ -167,6 +167,14 @@ def _parallel(data_config) -> int:
     return tf.data.AUTOTUNE if n in (None, -1) else int(n)
 
 
+def _hide_accelerators_from_tf() -> None:
+    """tf.data runs on the host; without this TensorFlow grabs GPU memory that JAX needs."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF already initialised its devices; nothing left to do
+        pass
+
+
 def make_datasets(
     data_config: ml_collections.ConfigDict,
     augment_config: ml_collections.ConfigDict | None = None,
@@ -185,6 +193,7 @@ def make_datasets(
     Raises sources.DatasetNotFoundError (a FileNotFoundError) naming where the data was looked
     for and how to prepare it.
     """
+    _hide_accelerators_from_tf()
     if process_index is None or process_count is None:
         import jax
 

@@ -4,6 +4,17 @@ Kernels and estimators live in `vitjax.scoring.hsic` (the module; `hsic.hsic(K, 
 estimator), model scoring in `vitjax.scoring.scores`, baselines in `vitjax.scoring.criteria`.
 """
 
-from vitjax.scoring.scores import ScoreConfig, Scores, hsic_scores, output_weights, score_model
+from vitjax.scoring.scores import (
+    ScoreConfig,
+    Scores,
+    hsic_scores,
+    load_scores,
+    output_weights,
+    save_scores,
+    score_model,
+)
 
-__all__ = ["ScoreConfig", "Scores", "hsic_scores", "output_weights", "score_model"]
+__all__ = [
+    "ScoreConfig", "Scores", "hsic_scores", "load_scores", "output_weights", "save_scores",
+    "score_model",
+]

@@ -209,6 +209,14 @@ def model_features(aux: dict) -> dict[str, list[Array]]:
     }
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _forward(model: ViT, params, images: Array, masks: Masks | None):
+    # Module-level jit keyed on the (hashable) model: periodic re-scoring during training
+    # compiles the forward pass once.
+    logits, aux = model.apply({"params": params}, images, masks=masks, train=False)
+    return jax.nn.softmax(logits, axis=-1), model_features(aux)
+
+
 def score_model(
     model: ViT, params, images: Array, *, masks: Masks | None = None,
     config: ScoreConfig = ScoreConfig(),
@@ -221,12 +229,7 @@ def score_model(
     if images.shape[0] < (4 if config.estimator == "unbiased" else 2):
         raise ValueError(f"scoring needs a batch of several images, got {images.shape[0]}")
 
-    @jax.jit
-    def forward(p, x, m):
-        logits, aux = model.apply({"params": p}, x, masks=m, train=False)
-        return jax.nn.softmax(logits, axis=-1), model_features(aux)
-
-    probabilities, features = forward(params, images, masks)
+    probabilities, features = _forward(model, params, images, masks)
     weights = output_weights(probabilities, config)
     dims = ("head", "neuron") + (("token",) if config.score_tokens else ())
     result = {
@@ -234,3 +237,24 @@ def score_model(
         for dim in dims
     }
     return Scores(head=result["head"], neuron=result["neuron"], token=result.get("token"))
+
+
+def save_scores(path: str, scores: Scores) -> None:
+    """Scores (and their ranks) to one .npz file; `load_scores` reads it back."""
+    import numpy as np
+
+    arrays = {"head": scores.head, "neuron": scores.neuron}
+    if scores.token is not None:
+        arrays["token"] = scores.token
+    ranks = scores.ranks()
+    arrays.update({f"rank_{name}": getattr(ranks, name) for name in list(arrays)})
+    with open(path, "wb") as f:  # np.savez would append '.npz' to a path without it
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def load_scores(path: str) -> Scores:
+    import numpy as np
+
+    with np.load(path) as data:
+        token = jnp.asarray(data["token"]) if "token" in data else None
+        return Scores(jnp.asarray(data["head"]), jnp.asarray(data["neuron"]), token)

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 
@@ -49,7 +50,10 @@ class Checkpointer:
     def __init__(
         self, directory: str, *, run_config: dict[str, Any], keep: int = 3, async_save=True
     ):
-        self.directory = os.path.abspath(directory)
+        # epath: local paths and cloud buckets (gs://...) alike.
+        # orbax needs absolute paths; cloud URLs (gs://...) already are.
+        local = "://" not in str(directory)
+        self.directory = epath.Path(os.path.abspath(directory) if local else directory)
         self.run_config = json.loads(json.dumps(run_config, default=str))
         self.fingerprint = config_fingerprint(self.run_config)
         options = ocp.CheckpointManagerOptions(
@@ -98,14 +102,15 @@ class Checkpointer:
         """
         step = self.latest_step() if step is None else step
         if step is None:
-            leftovers = [n for n in os.listdir(self.directory) if not n.startswith(".")]
+            names = [p.name for p in self.directory.iterdir()] if self.directory.exists() else []
+            leftovers = [n for n in names if not n.startswith(".")]
             if leftovers:
                 logging.warning(
                     "no complete checkpoint in %s (found only %s); starting from scratch",
                     self.directory, leftovers,
                 )
             return None, None
-        where = os.path.join(self.directory, str(step))
+        where = str(self.directory / str(step))
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = meta["meta"]

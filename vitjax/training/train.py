@@ -18,7 +18,6 @@ import collections
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 from clu import periodic_actions
+from etils import epath
 
 from vitjax.models.vit import ViT
 from vitjax.parallel import mesh as mesh_lib
@@ -356,10 +356,10 @@ def train(
     local_batch = rows.stop - rows.start
     eval_sets = dict(eval_sets or {})
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
     checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        epath.Path(workdir) / "checkpoints",
         run_config=_run_config(config, model, init_params is not None),
         keep=int(tcfg.get("keep_checkpoints", 3)),
         async_save=bool(tcfg.get("async_checkpoints", True)),
