@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mlp_dim=384,
         distilled=False,
         dtype="float32",  # compute dtype; 'bfloat16' on accelerators
+        remat=False,  # recompute block activations in the backward pass (saves memory)
     ))
     # Start from converted timm/DeiT weights instead of from scratch (path to .pth/.safetensors).
     config.init = ml_collections.ConfigDict(dict(checkpoint=""))

@@ -16,3 +16,11 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # TensorFlow must never grab an accelerator in tests.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# timm (through torchvision/triton) segfaults when it is imported after TensorFlow in the same
+# process (torch 2.14 CUDA wheels + tensorflow 2.21, reproduced outside pytest). Test modules
+# import TensorFlow through vitjax.data, so load timm first wherever it is installed.
+try:
+    import timm  # noqa: F401
+except ImportError:
+    pass

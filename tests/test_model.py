@@ -165,3 +165,30 @@ def test_aux_exposes_what_scoring_needs():
     np.testing.assert_allclose(block["cls_attn"].sum(-1), 1.0, rtol=1e-5)
     assert block["tokens"].shape == (3, N, TINY.embed_dim)
     assert block["ffn_hidden"].shape == (3, N, TINY.mlp_dim)
+
+
+def test_remat_gives_the_same_gradients():
+    model, params, images = _setup(seed=11)
+    remat_model = ViT(TINY, drop_path_rate=0.2, remat=True)
+    model = ViT(TINY, drop_path_rate=0.2)
+
+    def grads(m):
+        def loss(p):
+            logits, _ = m.apply({"params": p}, images, train=True,
+                                rngs={"dropout": jax.random.key(1)})
+            return (logits**2).mean()
+        return jax.grad(loss)(params)
+
+    pairs = zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(remat_model)), strict=True)
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_headless_distilled_model_averages_both_prefix_tokens():
+    config = ViTConfig(**{**TINY.to_dict(), "num_classes": 0, "distilled": True})
+    model, params, images = _setup(config)
+    # timm's VisionTransformerDistilled with num_classes=0 returns the mean of the normalised
+    # class and distillation tokens, not the class token alone (aux['pre_logits']).
+    features, aux = model.apply({"params": params}, images)
+    assert features.shape == (3, config.embed_dim)
+    assert not np.allclose(features, aux["pre_logits"], atol=1e-3)

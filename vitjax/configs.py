@@ -27,6 +27,8 @@ def deit_imagenet_config(
     config.model = ml_collections.ConfigDict(dict(
         variant=variant, num_classes=1000, image_size=224, distilled=distilled,
         dtype="bfloat16",
+        # Recompute block activations in the backward pass: DeiT-B at 128 images per device.
+        remat=variant.startswith("B"),
     ))
     # Path to an official DeiT/timm checkpoint to start from (e.g. for short supernet training).
     config.init = ml_collections.ConfigDict(dict(checkpoint=""))

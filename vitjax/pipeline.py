@@ -61,7 +61,7 @@ def parse_stages(spec: str | tuple | list) -> list[str]:
 def model_config_from(config: ml_collections.ConfigDict) -> ViTConfig:
     """`config.model`: either `variant='S/16'` plus overrides, or every field spelled out."""
     fields = dict(config.model.to_dict())
-    for key in ("variant", "drop_path_rate", "dtype"):
+    for key in ("variant", "drop_path_rate", "dtype", "remat"):
         fields.pop(key, None)
     try:
         if config.model.get("variant"):
@@ -148,7 +148,8 @@ class Context:
     def model(self, *, train: bool = False) -> ViT:
         dtype = jnp.dtype(self.config.model.get("dtype", "float32"))
         drop_path = float(self.config.train.get("drop_path", 0.0)) if train else 0.0
-        return ViT(self.model_config, drop_path_rate=drop_path, dtype=dtype)
+        remat = bool(self.config.model.get("remat", False)) and train
+        return ViT(self.model_config, drop_path_rate=drop_path, dtype=dtype, remat=remat)
 
     @functools.cached_property
     def datasets(self):
