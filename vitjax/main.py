@@ -43,9 +43,11 @@ def main(argv):
     workdir = _WORKDIR.value or config.get("workdir")
     if not workdir:
         raise app.UsageError("--workdir is required (or set config.workdir)")
+    from vitjax.training import CheckpointError
+
     try:
         run_pipeline(config, workdir)
-    except PipelineError as e:
+    except (PipelineError, CheckpointError, FloatingPointError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -393,6 +393,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     stages = parse_stages(config.get("stages", ",".join(_STAGES)))
     local = "://" not in str(workdir)
     ctx = Context(config, epath.Path(os.path.abspath(workdir) if local else workdir))
+    ctx.model_config  # noqa: B018  (validates config.model against config.data up front)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
         _write_json_atomic(ctx.workdir / "config.json", config.to_dict())

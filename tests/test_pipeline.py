@@ -1,0 +1,57 @@
+"""The command line end to end on the embedded digits: stages, resume, clear errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--config.model.embed_dim=16", "--config.model.depth=2", "--config.model.num_heads=2",
+    "--config.model.mlp_dim=32", "--config.model.patch_size=8", "--config.train.steps=6",
+    "--config.train.warmup_steps=2", "--config.train.batch_size=32",
+    "--config.train.eval_batch_size=128", "--config.train.log_every=3",
+    "--config.train.eval_every=6", "--config.train.ckpt_every=3",
+    "--config.train.score_every=3", "--config.score.batch_size=32",
+]
+
+
+def _main(workdir, *args):
+    cmd = [sys.executable, "-m", "vitjax.main", "--config=configs/digits.py",
+           f"--workdir={workdir}", *TINY, *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_main_runs_the_stages_and_skips_finished_ones(tmp_path):
+    result = _main(tmp_path, "--config.stages=pretrain,score,criteria")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("pretrain", "score", "criteria"):
+        assert (tmp_path / stage / "DONE.json").exists()
+    assert (tmp_path / "pretrain" / "supernet.safetensors").exists()
+    summary = json.loads((tmp_path / "pretrain" / "DONE.json").read_text())
+    assert 0.0 <= summary["metrics"]["eval/test/dense/accuracy"] <= 1.0
+    rows = json.loads((tmp_path / "criteria" / "DONE.json").read_text())["rows"]
+    assert {r["dimension"] for r in rows} == {"neuron", "head", "token"}
+    assert (tmp_path / "criteria" / "criteria.png").stat().st_size > 0
+
+    again = _main(tmp_path, "--config.stages=pretrain,score")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "pretrain: done earlier, skipped" in again.stdout
+    assert "score: done earlier, skipped" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.stages=search"], "not implemented in this version"),
+        (["--config.stages=bogus"], "unknown stage"),
+        (["--config.stages=score"], "run the pretrain stage first"),
+        (["--config.model.image_size=48"], "config.data.image_size"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_a_nonzero_exit(tmp_path, args, message):
+    result = _main(tmp_path, *args)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
