@@ -33,6 +33,8 @@ def _parse():
     parser.add_argument("--devices", type=int, default=8, help="fake CPU devices (CPU only)")
     parser.add_argument("--memory-variant", default="B/16")
     parser.add_argument("--memory-batch", type=int, default=1024)
+    parser.add_argument("--remat", action="store_true",
+                        help="memory part: recompute block activations in the backward pass")
     parser.add_argument(
         "--layouts", default="data=8;data=4,model=2;data=8,fsdp;data=4,model=2,fsdp",
         help="mesh layouts for the memory part, ';'-separated",
@@ -133,7 +135,7 @@ def memory():
     config = ViTConfig.from_variant(ARGS.memory_variant, num_classes=1000, image_size=224)
     batch = ARGS.memory_batch
     print(
-        f"\n{ARGS.memory_variant} supernet train step, global batch {batch}, "
+        f"\n{ARGS.memory_variant} supernet train step (remat={ARGS.remat}), global batch {batch}, "
         f"{jax.device_count()} {jax.devices()[0].device_kind} devices; per-device bytes "
         "from compiled.memory_analysis()"
     )
@@ -143,7 +145,8 @@ def memory():
         mesh = make_mesh(layout)
         for dtype in (jnp.float32, jnp.bfloat16):
             trainer = Trainer(
-                ViT(config, dtype=dtype), _train_config(True, "attention"), mesh, layout
+                ViT(config, dtype=dtype, remat=ARGS.remat), _train_config(True, "attention"),
+                mesh, layout,
             )
             images = jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32,
                                           sharding=batch_sharding(mesh))
