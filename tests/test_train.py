@@ -289,3 +289,28 @@ def test_rank_fn_refreshes_ranks_on_schedule(tmp_path):
     assert result.ranks.token[0].tolist() == list(range(TINY.num_tokens))
     assert result.ranks.neuron.shape == (TINY.depth, TINY.mlp_dim)
     assert sorted(np.asarray(result.ranks.head[1]).tolist()) == list(range(TINY.num_heads))
+
+
+def test_streamed_evaluation_equals_in_memory_evaluation():
+    """The pipeline streams padded eval batches; the result must not depend on the padding."""
+    train_cfg = default_train_config()
+    train_cfg.update(steps=10, warmup_steps=1, target_gmacs=None)
+    mesh = make_mesh({"data": 2})
+    trainer = Trainer(ViT(TINY), train_cfg, mesh)
+    state = trainer.create_state(seed=0)
+    images, labels = _data(40, seed=3)
+    expected = trainer.evaluate(state, images, labels, batch_size=16)
+
+    def padded_batches(batch=16):
+        for start in range(0, len(images), batch):
+            x, y = images[start:start + batch], labels[start:start + batch]
+            pad = batch - len(x)
+            yield {
+                "image": np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]),
+                "label": np.concatenate([y, np.zeros(pad, y.dtype)]),
+                "mask": np.concatenate([np.ones(len(x)), np.zeros(pad)]).astype(np.float32),
+            }
+
+    streamed = trainer.evaluate_stream(state, padded_batches())
+    assert streamed["accuracy"] == pytest.approx(expected["accuracy"])
+    assert streamed["loss"] == pytest.approx(expected["loss"], rel=1e-5)

@@ -307,7 +307,11 @@ def pretrain(ctx: Context) -> dict:
     if config.train.get("target_gmacs") is None and config.get("target_flops_fraction"):
         config = ml_collections.ConfigDict(config.to_dict())
         config.train.target_gmacs = float(config.target_flops_fraction) * ctx.dense_gmacs
-    eval_sets = {name: ctx.eval_arrays(name) for name in datasets.eval_names}
+    # Streamed from the pipeline: each process evaluates its own rows, nothing is held in
+    # memory (the ImageNet validation set is 30 GB as float32 at 224 px).
+    eval_sets = {
+        name: functools.partial(datasets.eval_batches, name) for name in datasets.eval_names
+    }
     score_batch = int(ctx.config.get("score", {}).get("batch_size", 256))
     result = train(
         config, str(out), model=model,

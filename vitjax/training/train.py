@@ -9,7 +9,8 @@ With sampling off (or a physically pruned model) it is an ordinary trainer: that
 
 Data boundary: `train_batches(step) -> (images [b, H, W, C], labels [b] int or [b, C] soft)`,
 this process's rows `local_batch_slice(mesh, batch_size)` of the global batch of `step`;
-`eval_sets: {name: (images, labels)}` in full on every process.
+`eval_sets: {name: (images, labels)}` in full on every process, or {name: callable} returning a
+fresh iterable of this process's padded eval batches (streamed; see Trainer.evaluate_stream).
 """
 
 from __future__ import annotations
@@ -288,6 +289,29 @@ class Trainer:
             "count": jnp.sum(weights),
         }
 
+    def evaluate_stream(self, state: TrainState, batches, keep=None):
+        """Accuracy and mean loss over an iterable of this process's rows of global eval
+        batches: dicts with 'image', 'label' and 'mask' (0 on padding rows), the same number
+        of batches on every process (what `Datasets.eval_batches` yields). Nothing is held in
+        memory beyond one batch, so ImageNet-size sets stream from tf.data."""
+        totals = collections.Counter()
+        keep = None if keep is None else {
+            k: mesh_lib.host_to_global(v, self.replicated) for k, v in keep.items()
+        }
+        for batch in batches:
+            global_rows = len(batch["image"]) * jax.process_count()
+            arrays = (batch["image"], batch["label"], batch["mask"].astype(np.float32))
+            out = self.eval_step(
+                state.params, state.ranks,
+                *(mesh_lib.local_to_global(a, self.mesh, global_rows) for a in arrays), keep,
+            )
+            for k, v in jax.device_get(out).items():
+                totals[k] += float(v)
+        if not totals["count"]:
+            raise ValueError("the evaluation stream yielded no examples")
+        return {"accuracy": totals["correct"] / totals["count"],
+                "loss": totals["loss"] / totals["count"]}
+
     def evaluate(self, state: TrainState, images, labels, keep=None, batch_size: int = 256):
         """Accuracy and mean loss on a full eval set held by every process."""
         data_size = self.mesh.shape[mesh_lib.DATA]
@@ -392,11 +416,17 @@ def train(
     def run_eval(state: TrainState) -> dict[str, float]:
         out = {}
         policies = eval_policies or {"model": None}
-        for set_name, (images, labels) in eval_sets.items():
+        for set_name, data in eval_sets.items():
             for policy_name, policy in policies.items():
                 keep = None
                 if policy is not None:
                     keep = {k: v[0] for k, v in stack_keep_counts(trainer.config, [policy]).items()}
+                if callable(data):  # streamed: a fresh pass of local batches per call
+                    result = trainer.evaluate_stream(state, data(), keep)
+                    for k, v in result.items():
+                        out[f"eval/{set_name}/{policy_name}/{k}"] = v
+                    continue
+                images, labels = data
                 result = trainer.evaluate(
                     state, np.asarray(images), np.asarray(labels), keep,
                     int(tcfg.get("eval_batch_size", 256)),
