@@ -1,6 +1,7 @@
 """The command line end to end on the embedded digits: stages, resume, clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,16 @@ def test_bad_input_is_one_clear_error_and_a_nonzero_exit(tmp_path, args, message
     result = _main(tmp_path, *args)
     assert result.returncode == 2
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_two_processes_run_the_pipeline_through_the_local_launcher(tmp_path):
+    """launch/local_multiprocess.sh: 2 processes x 2 CPU devices, one shared workdir."""
+    cmd = ["bash", "launch/local_multiprocess.sh", "2", "2", "--", sys.executable, "-m",
+           "vitjax.main", "--config=configs/digits.py", f"--workdir={tmp_path}", *TINY,
+           "--config.stages=pretrain,score"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    for process in ("[p0]", "[p1]"):
+        assert f"{process} [vitjax] score: finished" in result.stdout + result.stderr
+    assert (tmp_path / "score" / "DONE.json").exists()

@@ -375,7 +375,8 @@ def criteria(ctx: Context) -> dict:
     batch = int(ctx.config.get("score", {}).get("batch_size", 256))
     images, labels = ctx.eval_arrays("test")
     rows = run_criteria_sweep(
-        ctx.model(), params, ctx.train_images(batch), images, labels, str(out),
+        ctx.model(), params, ctx.train_images(batch), images, labels,
+        str(out) if ctx.is_main else None,
         score_config=ctx.score_config(), seed=int(ctx.config.get("seed", 0)),
         # The kernel bandwidth matters (BUILD_NOTES.md): compare the paper's fixed sigma = 1
         # and the median heuristic with the configured scoring.
@@ -393,6 +394,13 @@ _STAGES: dict[str, Callable[[Context], dict]] = {
 }
 
 
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     stages = parse_stages(config.get("stages", ",".join(_STAGES)))
     local = "://" not in str(workdir)
@@ -401,6 +409,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
         _write_json_atomic(ctx.workdir / "config.json", config.to_dict())
+    _sync_processes("vitjax pipeline start")  # every process sees the same finished stages
     for stage in stages:
         if ctx.done_file(stage).exists():
             logging.info("stage %s: already done (%s), skipping", stage, ctx.done_file(stage))
@@ -412,5 +421,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
         summary["seconds"] = round(time.perf_counter() - started, 1)
         if ctx.is_main:
             _write_json_atomic(ctx.done_file(stage), summary)
+        # Process 0 writes a stage's files; nobody starts the next stage before they exist.
+        _sync_processes(f"vitjax stage {stage} done")
         print(f"[vitjax] {stage}: finished in {summary['seconds']}s -> "
               f"{ctx.workdir / stage}", flush=True)
