@@ -70,12 +70,10 @@ def _select_by_class_attention(
     Prefix tokens always win, dead tokens always lose; ties go to the lower position, which is
     what the physically pruned model does too.
     """
-    n = cls_attn.shape[-1]
     score = jnp.where(alive, cls_attn, _NEG_INF)
     score = score.at[:, :num_prefix].set(jnp.inf)
     order = jnp.argsort(-score, axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1, stable=True)
-    del n
     return alive & (rank < keep)
 
 
@@ -355,10 +353,6 @@ class ViT(nn.Module):
             aux.update(logits_cls=logits, logits_dist=logits_dist)
             logits = (logits + logits_dist) / 2
         return logits, aux
-
-
-def create_model(config: ViTConfig, **kwargs) -> ViT:
-    return ViT(config=config, **kwargs)
 
 
 def init_params(model: ViT, rng: Array, batch_size: int = 1):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vitjax.models.config import ViTConfig
 from vitjax.models.vit import Masks
@@ -95,8 +94,3 @@ def policy_masks(
     """Masks for one policy (host side: validates the policy, then builds the masks)."""
     keep = policy.keep_counts(config)
     return masks_from_ranks(config, ranks, keep, token_mode)
-
-
-def keep_counts_array(keep: KeepCounts) -> dict[str, np.ndarray]:
-    """KeepCounts as a dict of int32 arrays, e.g. to feed a jitted step as data."""
-    return {"head": keep.head, "neuron": keep.neuron, "token": keep.token}
