@@ -61,8 +61,13 @@ def make_mesh(mesh_config: Mapping[str, Any] | None = None, devices=None) -> Mes
             f"multi-host runs must use every device: mesh data={data} x model={model} != "
             f"{len(devices)} devices"
         )
+    axis_types = (AxisType.Auto, AxisType.Auto)
+    if data * model == len(devices):
+        # Topology-aware placement (TPU torus, NVLink islands): 'model' stays on close devices.
+        return jax.make_mesh((data, model), (DATA, MODEL), axis_types=axis_types,
+                             devices=devices)
     grid = np.asarray(devices[: data * model]).reshape(data, model)
-    return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+    return Mesh(grid, (DATA, MODEL), axis_types=axis_types)
 
 
 def path_name(path) -> str:
