@@ -165,7 +165,7 @@ class Context:
         except FileNotFoundError as e:
             raise PipelineError(str(e)) from None
 
-    def eval_arrays(self, name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def eval_arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """An evaluation set ('holdout' / 'test') as host arrays, in full on every process
         (the pipeline gives each process its own padded share; they are gathered here)."""
         batches = list(self.datasets.eval_batches(name))
@@ -179,8 +179,7 @@ class Context:
                 np.asarray(multihost_utils.process_allgather(a, tiled=True))
                 for a in (images, labels, keep)
             )
-        images, labels = images[keep], labels[keep]
-        return (images[:limit], labels[:limit]) if limit else (images, labels)
+        return images[keep], labels[keep]
 
     def train_images(self, count: int, *, gather: bool = True) -> np.ndarray:
         """A fixed sample of `count` training images (the first of the stream) for scoring.
