@@ -43,9 +43,12 @@ def test_fsdp_shards_the_largest_free_axis_over_data():
     assert spec_for("x", (3, 5), mesh, fsdp=True, fsdp_min_size=1) == P()
 
 
-def test_indivisible_model_axis_is_a_clear_error():
-    with pytest.raises(ValueError, match="not divisible by mesh model=4"):
-        spec_for("blocks_0/attn/qkv/kernel", (32, 3, 6, 8), {"data": 2, "model": 4})
+def test_indivisible_model_axis_is_replicated():
+    # 6 heads on model=4: heads replicated; fc1's 64 neurons still split.
+    assert spec_for("blocks_0/attn/qkv/kernel", (32, 3, 6, 8), {"data": 2, "model": 4}) == P()
+    assert spec_for("blocks_0/attn/proj/kernel", (3, 8, 32), {"data": 2, "model": 2}) == P()
+    assert spec_for("blocks_0/mlp/fc1/kernel", (32, 64), {"data": 2, "model": 4}) == P(
+        None, "model")
 
 
 def test_make_mesh_and_batch_rows():

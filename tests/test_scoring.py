@@ -17,6 +17,7 @@ from vitjax.scoring.scores import (
     ScoreConfig,
     Scores,
     hsic_scores,
+    load_ranks,
     load_scores,
     save_scores,
     score_model,
@@ -219,6 +220,13 @@ def test_scores_round_trip(tmp_path):
     loaded = load_scores(str(tmp_path / "scores.npz"))
     np.testing.assert_array_equal(loaded.head, scores.head)
     assert loaded.token is None
+    ranks = load_ranks(str(tmp_path / "scores.npz"))
+    np.testing.assert_array_equal(ranks.head, [[3, 2, 1, 0], [3, 2, 1, 0]])
+    # Ranks alone (what the supernet stores) in the same format, read by the same reader.
+    save_scores(str(tmp_path / "ranks.npz"), ranks=ranks)
+    np.testing.assert_array_equal(load_ranks(str(tmp_path / "ranks.npz")).neuron, ranks.neuron)
+    with pytest.raises(ValueError, match="no scores"):
+        load_scores(str(tmp_path / "ranks.npz"))
 
 
 def test_criteria(tiny_model):
@@ -240,8 +248,11 @@ def test_criteria(tiny_model):
 def test_sweep_writes_table_and_plot(tiny_model, tmp_path):
     model, params, images = tiny_model
     labels = jnp.arange(12) % 5
-    rows = run_criteria_sweep(model, params, images, images, labels, str(tmp_path),
-                              ratios=(0.0, 0.5))
+    from vitjax.evaluate import array_batches
+    from vitjax.parallel import make_mesh
+
+    rows = run_criteria_sweep(model, params, images, lambda: array_batches(images, labels, 8),
+                              make_mesh({"data": 2}), str(tmp_path), ratios=(0.0, 0.5))
     assert len(rows) == 3 * 3 * 2
     dense = {r["accuracy"] for r in rows if r["ratio"] == 0.0}
     assert len(dense) == 1  # ratio 0 is the dense model whatever the criterion

@@ -11,11 +11,12 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
+from vitjax.evaluate import array_batches, eval_step, evaluate
 from vitjax.models import ViT, ViTConfig
 from vitjax.parallel import local_to_global, make_mesh
+from vitjax.pruning import Ranks
 from vitjax.training import (
     ArrayBatches,
     CheckpointError,
@@ -109,8 +110,7 @@ def test_one_compiled_step_serves_every_policy(sandwich, token_mode):
         )
         assert np.isfinite(float(metrics["loss"])) and gmacs > 0
     assert len(policies) == 4  # a different sub-network every step ...
-    assert trainer.trace_counts["train_step"] == 1  # ... from one trace
-    assert trainer.train_step._cache_size() == 1
+    assert trainer.train_step._cache_size() == 1  # ... from one compilation
 
 
 def test_fixed_eval_policies_and_deterministic_sampling():
@@ -131,7 +131,7 @@ def test_train_resume_and_checkpoint_errors(tmp_path):
     images, labels = _data()
     config = _config(steps=6)
     batches = ArrayBatches(images, labels, 16, seed=0)
-    evals = {"test": (images[:40], labels[:40])}
+    evals = {"test": lambda: array_batches(images[:40], labels[:40], 32)}
     result = train(config, str(tmp_path), model=ViT(TINY), train_batches=batches, eval_sets=evals)
     assert result.step == 6 and not result.preempted
     assert set(result.metrics) == {f"eval/test/{p}/{k}" for p in ("dense", "smallest")
@@ -256,11 +256,14 @@ def test_finetune_mode_trains_a_pruned_model_without_masks(tmp_path):
     config = _config(steps=2, sample_policies=False)
     result = train(
         config, str(tmp_path), model=ViT(pruned), train_batches=ArrayBatches(images, labels, 16),
-        eval_sets={"x": (images, labels)},
+        eval_sets={"x": lambda: array_batches(images, labels, 32)},
     )
     assert set(result.metrics) == {"eval/x/model/accuracy", "eval/x/model/loss"}
     assert result.ranks is None
-    assert optax.global_norm(result.params) > 0
+    initial = Trainer(ViT(pruned), config.train, make_mesh({"data": 2})).create_state(0).params
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         jax.device_get(result.params), jax.device_get(initial))
+    assert min(jax.tree.leaves(moved)) > 0  # every parameter was trained
     again = train(config, str(tmp_path), model=ViT(pruned),
                   train_batches=ArrayBatches(images, labels, 16))  # restores the final state
     assert again.step == 2 and again.ranks is None
@@ -291,26 +294,103 @@ def test_rank_fn_refreshes_ranks_on_schedule(tmp_path):
     assert sorted(np.asarray(result.ranks.head[1]).tolist()) == list(range(TINY.num_heads))
 
 
-def test_streamed_evaluation_equals_in_memory_evaluation():
-    """The pipeline streams padded eval batches; the result must not depend on the padding."""
+@pytest.mark.parametrize("batch", [16, 40, 64])
+def test_evaluator_matches_a_direct_numpy_computation(batch):
+    """Padded, sharded, streamed evaluation equals accuracy/loss computed directly."""
     train_cfg = default_train_config()
     train_cfg.update(steps=10, warmup_steps=1, target_gmacs=None)
     mesh = make_mesh({"data": 2})
     trainer = Trainer(ViT(TINY), train_cfg, mesh)
-    state = trainer.create_state(seed=0)
+    params = jax.device_get(trainer.create_state(seed=0).params)
     images, labels = _data(40, seed=3)
-    expected = trainer.evaluate(state, images, labels, batch_size=16)
+    logits = np.asarray(ViT(TINY).apply({"params": params}, images)[0], np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    expected_loss = -log_probs[np.arange(40), labels].mean()
+    expected_acc = (logits.argmax(-1) == labels).mean()
+    result = evaluate(ViT(TINY), params, None, array_batches(images, labels, batch), mesh)
+    assert result["count"] == 40
+    assert result["accuracy"] == pytest.approx(expected_acc)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
 
-    def padded_batches(batch=16):
-        for start in range(0, len(images), batch):
-            x, y = images[start:start + batch], labels[start:start + batch]
-            pad = batch - len(x)
-            yield {
-                "image": np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]),
-                "label": np.concatenate([y, np.zeros(pad, y.dtype)]),
-                "mask": np.concatenate([np.ones(len(x)), np.zeros(pad)]).astype(np.float32),
-            }
 
-    streamed = trainer.evaluate_stream(state, padded_batches())
-    assert streamed["accuracy"] == pytest.approx(expected["accuracy"])
-    assert streamed["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+def test_evaluated_subnetwork_equals_the_physically_pruned_model():
+    from vitjax.pruning import Policy, prune_params, ranks_from_scores
+
+    mesh = make_mesh({"data": 2})
+    params = jax.device_get(Trainer(ViT(TINY), default_train_config(), mesh).create_state(1).params)
+    rng = np.random.default_rng(0)
+    ranks = Ranks(ranks_from_scores(rng.normal(size=(2, 4))),
+                  ranks_from_scores(rng.normal(size=(2, 64))),
+                  ranks_from_scores(rng.normal(size=(2, TINY.num_tokens))))
+    images, labels = _data(32, seed=5)
+    policy = Policy.uniform(TINY.depth, 0.5, 0.25, 0.5)
+    masked = evaluate(ViT(TINY), params, policy.keep_counts(TINY), array_batches(
+        images, labels, 16), mesh, ranks=ranks, token_mode="static")
+    small_config, small_params = prune_params(TINY, params, policy, ranks, "static")
+    pruned = evaluate(ViT(small_config), small_params, None, array_batches(images, labels, 16),
+                      mesh)
+    assert masked["accuracy"] == pruned["accuracy"]
+    assert masked["loss"] == pytest.approx(pruned["loss"], rel=1e-5)
+    # One compilation serves every policy.
+    before = eval_step._cache_size()
+    for ratio in (0.1, 0.3, 0.7):
+        evaluate(ViT(TINY), params, Policy.uniform(TINY.depth, ratio, ratio, ratio).keep_counts(
+            TINY), array_batches(images, labels, 16), mesh, ranks=ranks, token_mode="static")
+    assert eval_step._cache_size() == before
+
+
+def test_mixing_runs_inside_the_step_and_is_deterministic():
+    augment = ml_collections.ConfigDict(dict(mixup=0.8, cutmix=1.0, label_smoothing=0.1))
+    train_cfg = default_train_config()
+    train_cfg.update(steps=10, warmup_steps=1, target_gmacs=None, sample_policies=False)
+    mesh = make_mesh({"data": 2})
+    images, labels = _data(16)
+    losses = []
+    for _ in range(2):
+        trainer = Trainer(ViT(TINY), train_cfg, mesh, augment_config=augment)
+        state = trainer.create_state(seed=0)
+        state, metrics = trainer.train_step(
+            state, local_to_global(images, mesh, 16), local_to_global(labels, mesh, 16), None)
+        losses.append(float(metrics["loss"]))
+    assert losses[0] == losses[1]
+    plain = Trainer(ViT(TINY), train_cfg, mesh)
+    _, metrics = plain.train_step(plain.create_state(seed=0), local_to_global(images, mesh, 16),
+                                  local_to_global(labels, mesh, 16), None)
+    assert float(metrics["loss"]) != losses[0]  # the mixed targets changed the loss
+
+
+@pytest.mark.parametrize("dtype,remat", [("bfloat16", False), ("float32", True)])
+def test_bfloat16_and_remat_steps_track_the_float32_step(dtype, remat):
+    import jax.numpy as jnp
+
+    train_cfg = default_train_config()
+    train_cfg.update(steps=10, warmup_steps=1, target_gmacs=None, drop_path=0.0)
+    mesh = make_mesh({"data": 2})
+    images, labels = _data(16)
+    args = (local_to_global(images, mesh, 16), local_to_global(labels, mesh, 16))
+    keep, _ = PolicySampler(TINY, train_cfg)(0)
+    results = []
+    for model in (ViT(TINY), ViT(TINY, dtype=jnp.dtype(dtype), remat=remat)):
+        trainer = Trainer(model, train_cfg, mesh)
+        state, metrics = trainer.train_step(trainer.create_state(seed=0), *args, keep)
+        results.append((float(metrics["loss"]), jax.device_get(state.params)))
+    tol = 2e-2 if dtype == "bfloat16" else 1e-5
+    assert results[1][0] == pytest.approx(results[0][0], rel=tol)
+    _params_close(results[1][1], results[0][1], atol=tol * 0.1, rtol=tol)
+
+
+def test_a_pruned_model_with_3_heads_trains_on_a_model_parallel_mesh_of_2(tmp_path):
+    from vitjax.pruning import Policy
+
+    pruned = Policy.uniform(TINY.depth, 0.5, 0.25, 0.0).pruned_config(TINY)
+    assert pruned.layer_heads == (3, 3)
+    config = _config(steps=2, sample_policies=False)
+    config.mesh.data, config.mesh.model = 4, 2
+    images, labels = _data()
+    result = train(config, str(tmp_path), model=ViT(pruned),
+                   train_batches=ArrayBatches(images, labels, 16))
+    qkv = result.params["blocks_0"]["attn"]["qkv"]["kernel"]
+    fc1 = result.params["blocks_0"]["mlp"]["fc1"]["kernel"]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec()  # 3 heads: replicated
+    assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "model")  # 32 neurons: split

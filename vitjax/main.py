@@ -1,6 +1,6 @@
 """Command line: `python -m vitjax.main --config=configs/digits.py --workdir=runs/digits`.
 
-Flags and stage dispatch only; the stages live in `vitjax.pipeline` and the modules it calls.
+Flags and stage dispatch only; the stages live in `vitjax.stages` and the modules they call.
 Override any config field with `--config.<field>=<value>`, e.g. `--config.stages=score` or
 `--config.train.steps=100`.
 """
@@ -34,8 +34,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
+    from vitjax.errors import UserError
     from vitjax.parallel import maybe_initialize
-    from vitjax.pipeline import PipelineError, run_pipeline
+    from vitjax.stages.runner import run_pipeline
+    from vitjax.training import CheckpointError
 
     config = _CONFIG.value
     # Multi-host: every process runs this same command; initialise before touching devices.
@@ -43,11 +45,9 @@ def main(argv):
     workdir = _WORKDIR.value or config.get("workdir")
     if not workdir:
         raise app.UsageError("--workdir is required (or set config.workdir)")
-    from vitjax.training import CheckpointError
-
     try:
         run_pipeline(config, workdir)
-    except (PipelineError, CheckpointError, FloatingPointError) as e:
+    except (UserError, CheckpointError, FloatingPointError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

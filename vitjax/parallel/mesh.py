@@ -1,15 +1,16 @@
 """Device mesh and the sharding rule table for ViT parameters, optimizer state and batches.
 
 The mesh has two axes: 'data' (batch; optionally FSDP-sharded parameters) and 'model' (tensor
-parallelism over attention heads and FFN hidden units). A parameter's spec comes from a short
-rule table keyed by its path ('blocks_3/attn/qkv/kernel'); FSDP then shards the largest
-remaining axis over 'data'. The same function serves the optimizer state, whose moments carry
-the parameter paths inside their own tree paths.
+parallelism over attention heads and FFN hidden units). A parameter's spec comes from the
+logical axis names of its path (`vitjax.models.axes`) and the rule table that maps 'heads' and
+'mlp' to 'model'; FSDP then shards the largest remaining axis over 'data'. The same function
+serves the optimizer state, whose moments carry the parameter paths inside their own paths.
 """
 
 from __future__ import annotations
 
-import re
+import functools
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,19 +19,19 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vitjax.models import axes as axes_lib
+
 DATA, MODEL = "data", "model"
 
-# Path regex -> spec over 'model'. Heads and FFN hidden units are the axes that pruning removes,
-# so model parallelism splits exactly those: each device computes whole heads and whole neurons,
-# and the only collectives are the reductions after proj and fc2 (Megatron-style).
-MODEL_PARALLEL_RULES: tuple[tuple[str, P], ...] = (
-    (r"attn/qkv/kernel$", P(None, None, MODEL, None)),  # [d, 3, H, dh]
-    (r"attn/qkv/bias$", P(None, MODEL, None)),  # [3, H, dh]
-    (r"attn/proj/kernel$", P(MODEL, None, None)),  # [H, dh, d]
-    (r"mlp/fc1/kernel$", P(None, MODEL)),  # [d, F]
-    (r"mlp/fc1/bias$", P(MODEL)),  # [F]
-    (r"mlp/fc2/kernel$", P(MODEL, None)),  # [F, d]
-)
+# Which axes are split over 'model' comes from the logical axis names of the parameters
+# (vitjax.models.axes): heads and FFN hidden units, the axes that pruning removes.
+MODEL_PARALLEL_RULES = axes_lib.MODEL_PARALLEL_RULES
+
+
+@functools.cache  # once per parameter and mesh size, not per tree walk
+def _log_replicated(name: str, logical_name: str, size: int, mesh_axis: str, mesh_size: int):
+    logging.info("%s: %s axis of size %d does not divide mesh %s=%d; replicated", name,
+                 logical_name, size, mesh_axis, mesh_size)
 
 
 def make_mesh(mesh_config: Mapping[str, Any] | None = None, devices=None) -> Mesh:
@@ -89,23 +90,26 @@ def spec_for(
     *,
     fsdp: bool = False,
     fsdp_min_size: int = 2**18,
-    rules: Sequence[tuple[str, P]] = MODEL_PARALLEL_RULES,
+    rules: Sequence[tuple[str, str]] = MODEL_PARALLEL_RULES,
 ) -> P:
-    """PartitionSpec of one array named `name` with `shape` on a mesh of `mesh_shape`."""
+    """PartitionSpec of one array named `name` with `shape` on a mesh of `mesh_shape`.
+
+    A logical axis that `rules` maps to a mesh axis is split over it when its size divides the
+    mesh axis; otherwise it is replicated (a pruned layer with 3 heads on a model=2 mesh still
+    trains, its heads computed redundantly), as big_vision's FSDP rule does, and logged once.
+    """
     spec: list[Any] = [None] * len(shape)
-    model_size = mesh_shape.get(MODEL, 1)
-    if model_size > 1:
-        for pattern, rule in rules:
-            if re.search(pattern, name) and len(rule) == len(shape):
-                for axis, entry in enumerate(rule):
-                    if entry is not None and shape[axis] % model_size:
-                        raise ValueError(
-                            f"{name} has shape {tuple(shape)}: axis {axis} (size {shape[axis]}) "
-                            f"is not divisible by mesh model={model_size}; pick a model-parallel "
-                            "size that divides the number of heads and the FFN width"
-                        )
-                spec = list(rule)
-                break
+    logical = axes_lib.param_axes(name, len(shape))
+    rule_table = dict(rules)
+    for axis, logical_name in enumerate(logical or ()):
+        mesh_axis = rule_table.get(logical_name)
+        size = mesh_shape.get(mesh_axis, 1) if mesh_axis else 1
+        if size <= 1:
+            continue
+        if shape[axis] % size:
+            _log_replicated(name, logical_name, shape[axis], mesh_axis, size)
+            continue
+        spec[axis] = mesh_axis
     data_size = mesh_shape.get(DATA, 1)
     if fsdp and data_size > 1 and int(np.prod(shape, dtype=np.int64)) >= fsdp_min_size:
         # Shard the largest free axis that divides evenly; small or odd arrays stay replicated.

@@ -1,4 +1,4 @@
-"""Pruning policies, masks from importance ranks, FLOPs; later physical pruning."""
+"""Pruning policies, masks from importance ranks, FLOPs, physical pruning."""
 
 from vitjax.pruning.flops import Flops, count_flops, count_flops_batch, relaxed_gmacs
 from vitjax.pruning.masks import (
@@ -10,9 +10,10 @@ from vitjax.pruning.masks import (
     static_token_masks,
 )
 from vitjax.pruning.policy import KeepCounts, Policy, SamplingSpace, policy_rng, sample_policy
+from vitjax.pruning.prune import prune_params
 
 __all__ = [
     "Flops", "count_flops", "count_flops_batch", "relaxed_gmacs", "Ranks", "identity_ranks",
     "masks_from_ranks", "policy_masks", "ranks_from_scores", "static_token_masks", "KeepCounts",
-    "Policy", "SamplingSpace", "policy_rng", "sample_policy",
+    "Policy", "SamplingSpace", "policy_rng", "sample_policy", "prune_params",
 ]

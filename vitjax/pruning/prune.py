@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from vitjax.models import axes
 from vitjax.models.config import ViTConfig
 from vitjax.pruning.masks import Ranks, static_token_masks
 from vitjax.pruning.policy import Policy
@@ -47,22 +48,31 @@ def prune_params(
     head_ranks, neuron_ranks = np.asarray(ranks.head), np.asarray(ranks.neuron)
     for layer in range(config.depth):
         block = params[f"blocks_{layer}"]
+        kept = {
+            axes.HEADS: _top(head_ranks[layer], int(keep.head[layer])),
+            axes.MLP: _top(neuron_ranks[layer], int(keep.neuron[layer])),
+        }
         new = {}
-        heads = _top(head_ranks[layer], int(keep.head[layer]))
-        if heads.size:
-            qkv, proj = block["attn"]["qkv"], block["attn"]["proj"]
-            new["norm1"] = block["norm1"]
-            new["attn"] = {
-                "qkv": {"kernel": qkv["kernel"][:, :, heads], "bias": qkv["bias"][:, heads]},
-                "proj": {"kernel": proj["kernel"][heads], "bias": proj["bias"]},
-            }
-        neurons = _top(neuron_ranks[layer], int(keep.neuron[layer]))
-        if neurons.size:
-            fc1, fc2 = block["mlp"]["fc1"], block["mlp"]["fc2"]
-            new["norm2"] = block["norm2"]
-            new["mlp"] = {
-                "fc1": {"kernel": fc1["kernel"][:, neurons], "bias": fc1["bias"][neurons]},
-                "fc2": {"kernel": fc2["kernel"][neurons], "bias": fc2["bias"]},
-            }
+        # A sub-block with nothing kept is removed whole (its residual branch passes through).
+        for sub, norm, logical in (("attn", "norm1", axes.HEADS), ("mlp", "norm2", axes.MLP)):
+            if kept[logical].size:
+                new[norm] = block[norm]
+                new[sub] = _slice_tree(block[sub], f"blocks_{layer}/{sub}", kept)
         out[f"blocks_{layer}"] = new
     return pruned, out
+
+
+def _slice_tree(tree: dict, prefix: str, kept: dict[str, np.ndarray]) -> dict:
+    """Every array of `tree` sliced along its logical axes named in `kept` (vitjax.models.axes)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            out[key] = _slice_tree(value, name, kept)
+            continue
+        for logical, indices in kept.items():
+            axis = axes.axis_of(name, logical)
+            if axis is not None:
+                value = np.take(value, indices, axis=axis)
+        out[key] = value
+    return out

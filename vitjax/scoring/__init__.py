@@ -8,6 +8,7 @@ from vitjax.scoring.scores import (
     ScoreConfig,
     Scores,
     hsic_scores,
+    load_ranks,
     load_scores,
     output_weights,
     save_scores,
@@ -15,6 +16,6 @@ from vitjax.scoring.scores import (
 )
 
 __all__ = [
-    "ScoreConfig", "Scores", "hsic_scores", "load_scores", "output_weights", "save_scores",
-    "score_model",
+    "ScoreConfig", "Scores", "hsic_scores", "load_ranks", "load_scores", "output_weights",
+    "save_scores", "score_model",
 ]

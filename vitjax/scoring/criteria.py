@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vitjax.models import axes
 from vitjax.models.config import ViTConfig
 from vitjax.scoring.scores import Scores
 
@@ -44,9 +45,14 @@ def magnitude_neuron_scores(params, config: ViTConfig, *, which: str = "fc1",
     rows = []
     for layer in range(config.depth):
         mlp = params[f"blocks_{layer}"]["mlp"]
-        incoming = jnp.linalg.norm(mlp["fc1"]["kernel"], ord=ord, axis=0)  # [d, F] -> [F]
-        outgoing = jnp.linalg.norm(mlp["fc2"]["kernel"], ord=ord, axis=1)  # [F, d] -> [F]
-        rows.append({"fc1": incoming, "fc2": outgoing, "both": incoming * outgoing}[which])
+        norms = {}
+        for part in ("fc1", "fc2"):
+            name = f"blocks_{layer}/mlp/{part}/kernel"
+            # The norm runs over the axis that is not the neuron axis (vitjax.models.axes).
+            embed_axis = axes.axis_of(name, axes.EMBED)
+            norms[part] = jnp.linalg.norm(mlp[part]["kernel"], ord=ord, axis=embed_axis)
+        rows.append({"fc1": norms["fc1"], "fc2": norms["fc2"],
+                     "both": norms["fc1"] * norms["fc2"]}[which])
     return jnp.stack(rows)
 
 

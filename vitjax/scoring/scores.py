@@ -239,22 +239,41 @@ def score_model(
     return Scores(head=result["head"], neuron=result["neuron"], token=result.get("token"))
 
 
-def save_scores(path: str, scores: Scores) -> None:
-    """Scores (and their ranks) to one .npz file; `load_scores` reads it back."""
-    import numpy as np
+def save_scores(path, scores: Scores | None = None, ranks=None) -> None:
+    """Scores and/or ranks to one .npz file (local or gs://): arrays 'head', 'neuron', 'token'
+    (scores, when given) and 'rank_head', 'rank_neuron', 'rank_token' (the given ranks, else
+    the scores' ranks). The score stage and the supernet's stored ranks both use this format;
+    `load_scores` and `load_ranks` read it."""
+    from vitjax.workdir import write_npz
 
-    arrays = {"head": scores.head, "neuron": scores.neuron}
-    if scores.token is not None:
-        arrays["token"] = scores.token
-    ranks = scores.ranks()
-    arrays.update({f"rank_{name}": getattr(ranks, name) for name in list(arrays)})
-    with open(path, "wb") as f:  # np.savez would append '.npz' to a path without it
-        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    if scores is None and ranks is None:
+        raise ValueError("save_scores needs scores, ranks or both")
+    arrays = {}
+    if scores is not None:
+        arrays.update({k: v for k, v in (("head", scores.head), ("neuron", scores.neuron),
+                                         ("token", scores.token)) if v is not None})
+        ranks = ranks if ranks is not None else scores.ranks()
+    arrays.update({f"rank_{k}": v for k, v in (("head", ranks.head), ("neuron", ranks.neuron),
+                                                ("token", ranks.token)) if v is not None})
+    write_npz(path, arrays)
 
 
-def load_scores(path: str) -> Scores:
-    import numpy as np
+def load_scores(path) -> Scores:
+    """The scores of a file written by `save_scores` (an error if it holds ranks only)."""
+    from vitjax.workdir import read_npz
 
-    with np.load(path) as data:
-        token = jnp.asarray(data["token"]) if "token" in data else None
-        return Scores(jnp.asarray(data["head"]), jnp.asarray(data["neuron"]), token)
+    data = read_npz(path)
+    if "head" not in data:
+        raise ValueError(f"{path} holds ranks but no scores")
+    token = jnp.asarray(data["token"]) if "token" in data else None
+    return Scores(jnp.asarray(data["head"]), jnp.asarray(data["neuron"]), token)
+
+
+def load_ranks(path):
+    """The ranks (`vitjax.pruning.Ranks`) of a file written by `save_scores`."""
+    from vitjax.pruning.masks import Ranks
+    from vitjax.workdir import read_npz
+
+    data = read_npz(path)
+    token = jnp.asarray(data["rank_token"]) if "rank_token" in data else None
+    return Ranks(jnp.asarray(data["rank_head"]), jnp.asarray(data["rank_neuron"]), token)

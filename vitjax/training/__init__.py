@@ -9,12 +9,20 @@ from vitjax.training.config import (
     deit_train_config,
 )
 from vitjax.training.optim import make_optimizer, weight_decay_mask
+from vitjax.training.steps import (
+    MixConfig,
+    StepConfig,
+    TrainState,
+    classification_loss,
+    train_step,
+)
 from vitjax.training.supernet import PolicySampler, fixed_eval_policies
-from vitjax.training.train import Trainer, TrainResult, TrainState, cross_entropy, train
+from vitjax.training.train import Trainer, TrainResult, train
 
 __all__ = [
     "ArrayBatches", "Checkpointer", "CheckpointError", "PreemptionWatch", "deit_train_config",
     "default_distributed_config", "default_mesh_config", "default_train_config",
     "make_optimizer", "weight_decay_mask", "PolicySampler", "fixed_eval_policies", "Trainer",
-    "TrainResult", "TrainState", "cross_entropy", "train",
+    "TrainResult", "TrainState", "MixConfig", "StepConfig", "classification_loss", "train",
+    "train_step",
 ]

@@ -6,38 +6,45 @@ turns it into keep counts, and the jitted step builds the masks from the current
 compiled step serves every policy. Ranks (heads/neurons, and token positions in 'static' mode)
 come from `rank_fn(params, images)` every `score_every` steps, `identity_ranks` without one.
 With sampling off (or a physically pruned model) it is an ordinary trainer: that is finetuning.
+The step itself is `vitjax.training.steps.train_step` with a pluggable loss; evaluation is
+`vitjax.evaluate.evaluate`.
 
-Data boundary: `train_batches(step) -> (images [b, H, W, C], labels [b] int or [b, C] soft)`,
-this process's rows `local_batch_slice(mesh, batch_size)` of the global batch of `step`;
-`eval_sets: {name: (images, labels)}` in full on every process, or {name: callable} returning a
-fresh iterable of this process's padded eval batches (streamed; see Trainer.evaluate_stream).
+Data boundary: `train_batches(step) -> (images [b, H, W, C], labels [b] int)`, this process's
+rows `local_batch_slice(mesh, batch_size)` of the global batch of `step` (mixing happens in the
+step); `eval_sets: {name: callable}` returning a fresh iterable of this process's padded eval
+batches (`Datasets.eval_batches`, `vitjax.evaluate.array_batches`).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 import logging
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from clu import periodic_actions
 from etils import epath
 
+from vitjax.evaluate import evaluate
 from vitjax.models.vit import ViT
 from vitjax.parallel import mesh as mesh_lib
-from vitjax.pruning.masks import Ranks, identity_ranks, masks_from_ranks
-from vitjax.pruning.policy import KeepCounts
+from vitjax.pruning.masks import Ranks, identity_ranks
 from vitjax.training import checkpoint as ckpt_lib
 from vitjax.training import metrics as metrics_lib
 from vitjax.training.optim import make_optimizer
+from vitjax.training.steps import (
+    LossFn,
+    MixConfig,
+    StepConfig,
+    TrainState,
+    classification_loss,
+    train_step,
+)
 from vitjax.training.supernet import PolicySampler, fixed_eval_policies, stack_keep_counts
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -50,22 +57,13 @@ _BOOKKEEPING_KEYS = (
 )
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 scalar: optimizer steps done
-    params: Any
-    opt_state: Any
-    rng: jax.Array  # uint32[2] raw key; per-step dropout keys fold in the step
-    ranks: dict[str, jax.Array] | None  # Ranks fields as a dict (None: no masking)
-
-
 @dataclasses.dataclass
 class TrainResult:
     params: Any  # global jax.Arrays on the training mesh (jax.device_get them on one host)
     metrics: dict[str, float]  # last evaluation ('eval/<set>/<policy>/accuracy', ...)
     step: int
     preempted: bool = False  # stopped early by SIGTERM / preemption after saving
-    ranks: Ranks | None = None
+    ranks: Ranks | None = None  # the ranks the last steps trained with (None: no masking)
 
 
 def ranks_to_dict(ranks: Ranks) -> dict[str, Any]:
@@ -81,29 +79,17 @@ def ranks_from_dict(data: Mapping[str, Any] | None) -> Ranks | None:
     return Ranks(head=data["head"], neuron=data["neuron"], token=data.get("token"))
 
 
-def cross_entropy(logits, labels, label_smoothing: float = 0.0):
-    """Per-example loss and correctness; labels int [B] or soft [B, C] (mixup)."""
-    num_classes = logits.shape[-1]
-    if labels.ndim == 1:
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-        hard = labels
-    else:
-        targets, hard = labels, jnp.argmax(labels, axis=-1)
-    loss = optax.softmax_cross_entropy(logits, targets)
-    return loss, (jnp.argmax(logits, axis=-1) == hard).astype(jnp.float32)
-
-
-def _keep_counts(keep: Mapping[str, jax.Array], index=None) -> KeepCounts:
-    pick = (lambda a: a) if index is None else (lambda a: a[index])
-    return KeepCounts(
-        neuron=pick(keep["neuron"]), head=pick(keep["head"]), token=pick(keep["token"])
-    )
-
-
 class Trainer:
-    """Sharded, jitted state creation, train step and eval step for one model and config."""
+    """Shardings, state creation and the jitted step for one model, loss and config.
 
-    def __init__(self, model: ViT, train_config: Mapping[str, Any], mesh, mesh_config=None):
+    loss_fn: see `vitjax.training.steps` (default: cross-entropy of `model`). init_fn(key) ->
+    params replaces `model.init` when the trainable tree holds more than the ViT (e.g. a
+    DynamicViT predictor). frozen: a non-trainable pytree the loss receives (e.g. a teacher).
+    """
+
+    def __init__(self, model: ViT, train_config: Mapping[str, Any], mesh, mesh_config=None, *,
+                 augment_config=None, num_classes: int | None = None,
+                 loss_fn: LossFn | None = None, init_fn: Callable | None = None, frozen=None):
         self.train_config = train_config
         self.mesh = mesh
         drop_path = train_config.get("drop_path")
@@ -117,7 +103,16 @@ class Trainer:
                 f"train.token_mode must be 'attention' or 'static', not {self.token_mode!r}"
             )
         self.tx, self.schedule = make_optimizer(train_config)
-        self.trace_counts: collections.Counter = collections.Counter()
+        self.loss_fn = loss_fn or classification_loss(self.model)
+        self._init_fn = init_fn
+        self._frozen = frozen
+        self.step_config = StepConfig(
+            model=self.model,
+            num_classes=int(num_classes or max(self.config.num_classes, 1)),
+            token_mode=self.token_mode,
+            label_smoothing=float(train_config.get("label_smoothing", 0.0)),
+            mix=MixConfig.from_augment(augment_config),
+        )
         mesh_config = dict(mesh_config or {})
         self._fsdp = dict(
             fsdp=bool(mesh_config.get("fsdp", False)),
@@ -128,78 +123,76 @@ class Trainer:
         self._build()
 
     # -- state ---------------------------------------------------------------------------------
-    def _dummy_images(self):
-        c = self.config
-        return jnp.zeros((1, c.image_size, c.image_size, c.in_chans), jnp.float32)
-
     def _init_params(self, key):
-        return self.model.init({"params": key}, self._dummy_images())["params"]
+        if self._init_fn is not None:
+            return self._init_fn(key)
+        c = self.config
+        images = jnp.zeros((1, c.image_size, c.image_size, c.in_chans), jnp.float32)
+        return self.model.init({"params": key}, images)["params"]
 
     def _initial_ranks(self):
         if not self.supernet:
             return None
         return ranks_to_dict(identity_ranks(self.config, with_tokens=self.token_mode == "static"))
 
+    def _new_state(self, params, rng, frozen):
+        return TrainState.create(apply_fn=None, params=params, tx=self.tx, rng=rng,
+                                 ranks=self._initial_ranks(), frozen=frozen)
+
     def _build(self):
         abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        abstract_ranks = jax.eval_shape(self._initial_ranks)
-        self.param_shardings = mesh_lib.tree_shardings(abstract_params, self.mesh, **self._fsdp)
-        self.state_shardings = TrainState(
+        abstract_frozen = jax.eval_shape(lambda: self._frozen)
+        abstract = jax.eval_shape(
+            self._new_state, abstract_params, jax.ShapeDtypeStruct((2,), jnp.uint32),
+            abstract_frozen,
+        )
+        fsdp_shardings = functools.partial(mesh_lib.tree_shardings, mesh=self.mesh, **self._fsdp)
+        self.param_shardings = fsdp_shardings(abstract_params)
+        self.state_shardings = abstract.replace(
             step=self.replicated,
             params=self.param_shardings,
-            opt_state=mesh_lib.tree_shardings(abstract_opt, self.mesh, **self._fsdp),
+            opt_state=fsdp_shardings(abstract.opt_state),
             rng=self.replicated,
-            ranks=jax.tree.map(lambda _: self.replicated, abstract_ranks),
-        )
-        abstract = TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32),
-            params=abstract_params,
-            opt_state=abstract_opt,
-            rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
-            ranks=abstract_ranks,
+            ranks=jax.tree.map(lambda _: self.replicated, abstract.ranks),
+            frozen=fsdp_shardings(abstract.frozen),
         )
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract, self.state_shardings,
         )
 
-        def from_params(params, rng):
-            return TrainState(
-                step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                rng=rng, ranks=self._initial_ranks(),
-            )
-
-        def from_seed(rng):
+        def from_seed(rng, frozen):
             init_key, _ = jax.random.split(jax.random.wrap_key_data(rng))
-            return from_params(self._init_params(init_key), rng)
+            return self._new_state(self._init_params(init_key), rng, frozen)
 
-        self._from_params = jax.jit(from_params, out_shardings=self.state_shardings)
+        self._from_params = jax.jit(self._new_state, out_shardings=self.state_shardings)
         self._from_seed = jax.jit(from_seed, out_shardings=self.state_shardings)
-
-        metric_sharding = self.replicated
         self.train_step = jax.jit(
-            self._train_step,
+            functools.partial(train_step, config=self.step_config, loss_fn=self.loss_fn,
+                              schedule=self.schedule),
             in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding,
                           self.replicated),
-            out_shardings=(self.state_shardings, metric_sharding),
+            out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=(0,),
         )
-        self.eval_step = jax.jit(
-            self._eval_step,
-            in_shardings=(self.param_shardings, self.replicated, self.batch_sharding,
-                          self.batch_sharding, self.batch_sharding, self.replicated),
-            out_shardings=metric_sharding,
-        )
         self._replicate = jax.jit(lambda tree: tree, out_shardings=self.replicated)
+
+    def _place(self, tree, abstract):
+        return jax.tree.map(
+            lambda leaf, s: mesh_lib.host_to_global(np.asarray(leaf, s.dtype), s.sharding),
+            tree, abstract,
+        )
 
     def create_state(self, seed: int, init_params=None) -> TrainState:
         """Fresh state from `seed`; `init_params` (host arrays, e.g. converted timm weights)
         replaces the random initialisation and must match the model's tree exactly."""
         rng = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
         rng = mesh_lib.host_to_global(rng, self.replicated)
+        frozen = None
+        if self._frozen is not None:
+            frozen = self._place(self._frozen, self.abstract_state.frozen)
         if init_params is None:
-            return self._from_seed(rng)
+            return self._from_seed(rng, frozen)
         expected = self.abstract_state.params
         got_struct, want_struct = jax.tree.structure(init_params), jax.tree.structure(expected)
         if got_struct != want_struct:
@@ -216,11 +209,7 @@ class Trainer:
                     f"init_params {jax.tree_util.keystr(path[0])} has shape {np.shape(leaf)}, "
                     f"the model needs {want.shape}"
                 )
-        params = jax.tree.map(
-            lambda leaf, s: mesh_lib.host_to_global(np.asarray(leaf, s.dtype), s.sharding),
-            init_params, expected,
-        )
-        return self._from_params(params, rng)
+        return self._from_params(self._place(init_params, expected), rng, frozen)
 
     def place_ranks(self, ranks: Ranks) -> dict[str, jax.Array]:
         """Ranks as replicated global arrays in the layout of the state (any input layout)."""
@@ -242,101 +231,11 @@ class Trainer:
             placed[name] = mesh_lib.host_to_global(np.asarray(value, np.int32), self.replicated)
         return placed
 
-    # -- steps ---------------------------------------------------------------------------------
-    def _masks(self, ranks, keep):
-        return masks_from_ranks(self.config, ranks_from_dict(ranks), keep, self.token_mode)
-
-    def _train_step(self, state: TrainState, images, labels, keep):
-        """keep: {'head'|'neuron'|'token': int32 [K, L]} (K sub-networks) or None."""
-        self.trace_counts["train_step"] += 1  # runs only while tracing
-        smoothing = float(self.train_config.get("label_smoothing", 0.0))
-        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        subnets = 1 if keep is None else keep["head"].shape[0]
-
-        def loss_fn(params):
-            losses, first = [], None
-            for k in range(subnets):
-                masks = None if keep is None else self._masks(state.ranks, _keep_counts(keep, k))
-                logits, _ = self.model.apply(
-                    {"params": params}, images, masks=masks, train=True,
-                    rngs={"dropout": jax.random.fold_in(dropout_key, k)},
-                )
-                loss, correct = cross_entropy(logits, labels, smoothing)
-                losses.append(loss.mean())
-                if first is None:
-                    first = (loss.mean(), correct.mean())
-            # Sandwich: the mean over sub-networks keeps the gradient scale of a single one.
-            return sum(losses) / len(losses), first
-
-        (_, (loss, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
-            "lr": self.schedule(state.step),
-        }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
-
-    def _eval_step(self, params, ranks, images, labels, weights, keep):
-        """Sums of loss / correct / count over a padded batch; keep: [L] counts or None."""
-        self.trace_counts["eval_step"] += 1
-        masks = None if keep is None else self._masks(ranks, _keep_counts(keep))
-        logits, _ = self.model.apply({"params": params}, images, masks=masks, train=False)
-        loss, correct = cross_entropy(logits, labels)
-        return {
-            "loss": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights),
-            "count": jnp.sum(weights),
-        }
-
-    def evaluate_stream(self, state: TrainState, batches, keep=None):
-        """Accuracy and mean loss over an iterable of this process's rows of global eval
-        batches: dicts with 'image', 'label' and 'mask' (0 on padding rows), the same number
-        of batches on every process (what `Datasets.eval_batches` yields). Nothing is held in
-        memory beyond one batch, so ImageNet-size sets stream from tf.data."""
-        totals = collections.Counter()
-        keep = None if keep is None else {
-            k: mesh_lib.host_to_global(v, self.replicated) for k, v in keep.items()
-        }
-        for batch in batches:
-            global_rows = len(batch["image"]) * jax.process_count()
-            arrays = (batch["image"], batch["label"], batch["mask"].astype(np.float32))
-            out = self.eval_step(
-                state.params, state.ranks,
-                *(mesh_lib.local_to_global(a, self.mesh, global_rows) for a in arrays), keep,
-            )
-            for k, v in jax.device_get(out).items():
-                totals[k] += float(v)
-        if not totals["count"]:
-            raise ValueError("the evaluation stream yielded no examples")
-        return {"accuracy": totals["correct"] / totals["count"],
-                "loss": totals["loss"] / totals["count"]}
-
-    def evaluate(self, state: TrainState, images, labels, keep=None, batch_size: int = 256):
-        """Accuracy and mean loss on a full eval set held by every process."""
-        data_size = self.mesh.shape[mesh_lib.DATA]
-        batch = max(data_size, math.ceil(batch_size / data_size) * data_size)
-        rows = mesh_lib.local_batch_slice(self.mesh, batch)
-        keep = None if keep is None else {
-            k: mesh_lib.host_to_global(v, self.replicated) for k, v in keep.items()
-        }
-        totals = collections.Counter()
-        for start in range(0, len(images), batch):
-            x, y = images[start : start + batch], labels[start : start + batch]
-            w = np.ones(len(x), np.float32)
-            if len(x) < batch:
-                pad = batch - len(x)
-                x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-                y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
-                w = np.concatenate([w, np.zeros(pad, np.float32)])
-            out = self.eval_step(
-                state.params, state.ranks,
-                *(mesh_lib.local_to_global(a[rows], self.mesh, batch) for a in (x, y, w)), keep,
-            )
-            for k, v in jax.device_get(out).items():
-                totals[k] += float(v)
-        return {"accuracy": totals["correct"] / totals["count"],
-                "loss": totals["loss"] / totals["count"]}
+    def evaluate(self, state: TrainState, batches, keep=None) -> dict[str, float]:
+        """`vitjax.evaluate.evaluate` of the state's model (sub-network `keep`, [L] counts)."""
+        model = self.model.clone(drop_path_rate=0.0)
+        return evaluate(model, state.params, keep, batches, self.mesh, ranks=state.ranks,
+                        token_mode=self.token_mode)
 
 
 def _run_config(config: ml_collections.ConfigDict, model: ViT, init_given: bool) -> dict:
@@ -344,6 +243,7 @@ def _run_config(config: ml_collections.ConfigDict, model: ViT, init_given: bool)
     return {
         "model": model.config.to_dict(), "dtype": str(jnp.dtype(model.dtype)),
         "train": train_cfg, "init_params": bool(init_given),
+        "augment": _to_dict(config.get("augment")),
     }
 
 
@@ -359,21 +259,28 @@ def train(
     *,
     model: ViT,
     train_batches: Callable[[int], Batch],
-    eval_sets: Mapping[str, Batch] | None = None,
+    eval_sets: Mapping[str, Callable[[], Any]] | None = None,
     init_params=None,
     rank_fn: RankFn | None = None,
     score_batch: Batch | None = None,
     mesh=None,
+    num_classes: int | None = None,
+    loss_fn: LossFn | None = None,
+    init_fn: Callable | None = None,
+    frozen=None,
 ) -> TrainResult:
     """Trains `model` for `config.train.steps`, resuming from `workdir/checkpoints` if present.
 
     rank_fn(params, images) -> Ranks is called on `score_batch` (default: the first training
-    batch) with global arrays, every `score_every` steps. Returns when done or preempted.
+    batch) with global arrays, every `score_every` steps. Mixing follows `config.augment`.
+    loss_fn / init_fn / frozen: see `Trainer`. Returns when done or preempted.
     """
     tcfg = config.train
     if mesh is None:
         mesh = mesh_lib.make_mesh(_to_dict(config.get("mesh")))
-    trainer = Trainer(model, tcfg, mesh, _to_dict(config.get("mesh")))
+    trainer = Trainer(model, tcfg, mesh, _to_dict(config.get("mesh")),
+                      augment_config=config.get("augment"), num_classes=num_classes,
+                      loss_fn=loss_fn, init_fn=init_fn, frozen=frozen)
     is_main = jax.process_index() == 0
     steps, global_batch = int(tcfg.steps), int(tcfg.batch_size)
     rows = mesh_lib.local_batch_slice(mesh, global_batch)
@@ -416,23 +323,14 @@ def train(
     def run_eval(state: TrainState) -> dict[str, float]:
         out = {}
         policies = eval_policies or {"model": None}
-        for set_name, data in eval_sets.items():
+        for set_name, batches in eval_sets.items():
             for policy_name, policy in policies.items():
                 keep = None
                 if policy is not None:
                     keep = {k: v[0] for k, v in stack_keep_counts(trainer.config, [policy]).items()}
-                if callable(data):  # streamed: a fresh pass of local batches per call
-                    result = trainer.evaluate_stream(state, data(), keep)
-                    for k, v in result.items():
-                        out[f"eval/{set_name}/{policy_name}/{k}"] = v
-                    continue
-                images, labels = data
-                result = trainer.evaluate(
-                    state, np.asarray(images), np.asarray(labels), keep,
-                    int(tcfg.get("eval_batch_size", 256)),
-                )
-                for k, v in result.items():
-                    out[f"eval/{set_name}/{policy_name}/{k}"] = v
+                result = trainer.evaluate(state, batches(), keep)
+                for k in ("accuracy", "loss"):
+                    out[f"eval/{set_name}/{policy_name}/{k}"] = result[k]
         return out
 
     writer = metrics_lib.create_writer(workdir, is_main=is_main)

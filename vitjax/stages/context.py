@@ -1,0 +1,231 @@
+"""What the pipeline's stages share: the config, the workdir, and lazily built model, data, mesh
+and supernet. Only shared things live here; each stage's own logic is in its module."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from vitjax import workdir as workdir_lib
+from vitjax.errors import UserError
+from vitjax.models import ViT, ViTConfig
+
+SUPERNET_FILE = "supernet.safetensors"
+RANKS_FILE = "ranks.npz"  # the ranks the supernet was last trained with (save_scores format)
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> ViTConfig:
+    """`config.model`: either `variant='S/16'` plus overrides, or every field spelled out."""
+    fields = dict(config.model.to_dict())
+    for key in ("variant", "drop_path_rate", "dtype", "remat"):
+        fields.pop(key, None)
+    try:
+        if config.model.get("variant"):
+            return ViTConfig.from_variant(config.model.variant, **fields)
+        return ViTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config.model is invalid: {e}") from None
+
+
+@contextlib.contextmanager
+def local_copy(path: epath.Path):
+    """A local file with the contents of `path` (itself when it is local already)."""
+    if "://" not in str(path):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = epath.Path(tmp) / path.name
+        path.copy(local)
+        yield str(local)
+
+
+@dataclasses.dataclass
+class Context:
+    """The config, the workdir (local path or gs://...), and what stages build from them."""
+
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+
+    @property
+    def is_main(self) -> bool:
+        """Process 0 writes the files of a stage; every process computes."""
+        return jax.process_index() == 0
+
+    def stage_dir(self, stage: str) -> epath.Path:
+        path = self.workdir / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def done_file(self, stage: str) -> epath.Path:
+        return self.workdir / stage / "DONE.json"
+
+    def summary(self, stage: str) -> dict:
+        """The DONE.json summary of a finished stage; a clear error if it has not run."""
+        path = self.done_file(stage)
+        if not path.exists():
+            raise UserError(
+                f"stage {stage!r} has not run in {self.workdir}; run it first "
+                f"(--config.stages={stage},...)"
+            )
+        return workdir_lib.read_json(path)
+
+    # -- model ---------------------------------------------------------------------------------
+    @functools.cached_property
+    def model_config(self) -> ViTConfig:
+        model_config = model_config_from(self.config)
+        data_classes = self.config.data.get("num_classes")
+        if data_classes and data_classes != model_config.num_classes:
+            raise UserError(
+                f"config.model.num_classes={model_config.num_classes} but config.data has "
+                f"{data_classes} classes; set both to the same number"
+            )
+        if self.config.data.image_size != model_config.image_size:
+            raise UserError(
+                f"config.model.image_size={model_config.image_size} but config.data.image_size="
+                f"{self.config.data.image_size}; set both to the same resolution"
+            )
+        return model_config
+
+    @property
+    def dense_gmacs(self) -> float:
+        from vitjax.pruning import count_flops
+
+        return count_flops(self.model_config).total
+
+    @property
+    def target_gmacs(self) -> float | None:
+        """The FLOPs budget T: config.train.target_gmacs, else target_flops_fraction x dense."""
+        explicit = self.config.train.get("target_gmacs")
+        if explicit is not None:
+            return float(explicit)
+        fraction = self.config.get("target_flops_fraction")
+        return float(fraction) * self.dense_gmacs if fraction else None
+
+    @property
+    def token_mode(self) -> str:
+        return self.config.train.get("token_mode", "attention")
+
+    def model(self, config: ViTConfig | None = None, *, train: bool = False) -> ViT:
+        """The configured model (or one of another architecture, e.g. a pruned one)."""
+        dtype = jnp.dtype(self.config.model.get("dtype", "float32"))
+        drop_path = float(self.config.train.get("drop_path", 0.0)) if train else 0.0
+        remat = bool(self.config.model.get("remat", False)) and train
+        return ViT(config or self.model_config, drop_path_rate=drop_path, dtype=dtype,
+                   remat=remat)
+
+    @functools.cached_property
+    def mesh(self):
+        from vitjax.parallel import make_mesh
+
+        try:
+            return make_mesh(dict(self.config.get("mesh", {})))
+        except ValueError as e:
+            raise UserError(f"config.mesh: {e}") from None
+
+    # -- data ----------------------------------------------------------------------------------
+    @functools.cached_property
+    def datasets(self):
+        from vitjax.data import make_datasets
+
+        try:
+            return make_datasets(
+                self.config.data,
+                self.config.get("augment"),
+                global_batch_size=int(self.config.train.batch_size),
+                eval_batch_size=int(self.config.train.get("eval_batch_size", 256)),
+            )
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
+
+    def eval_batches(self, name: str):
+        """A callable returning a fresh pass over evaluation set `name` ('holdout'/'test'),
+        this process's padded batches, streamed (never the whole set in memory)."""
+        if name not in self.datasets.eval_names:
+            raise UserError(
+                f"no {name!r} evaluation set in config.data (have {self.datasets.eval_names})"
+            )
+        return functools.partial(self.datasets.eval_batches, name)
+
+    def train_images(self, count: int, *, gather: bool = True) -> np.ndarray:
+        """A fixed sample of `count` training images (the first of the stream) for scoring.
+
+        Each process reads its `count // process_count` rows; `gather` assembles all of them on
+        every process, so every host computes the same scores and ranks.
+        """
+        local_count = max(count // jax.process_count(), 1)
+        out, seen = [], 0
+        for batch in self.datasets.train_batches(0):
+            out.append(batch["image"])
+            seen += len(batch["image"])
+            if seen >= local_count:
+                break
+        images = np.concatenate(out)[:local_count]
+        if gather and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+        return images
+
+    # -- supernet and ranks --------------------------------------------------------------------
+    def load_supernet(self, *, replicate: bool = False) -> dict[str, Any]:
+        """The pretrained supernet's parameters: host arrays, or with `replicate` global arrays
+        replicated over the mesh (what the sharded evaluator takes on several hosts)."""
+        from vitjax.interop import load_native
+
+        path = self.workdir / "pretrain" / SUPERNET_FILE
+        if not path.exists():
+            raise UserError(f"no supernet at {path}: run the pretrain stage first")
+        with local_copy(path) as local:
+            config, params = load_native(local)
+        if config != self.model_config:
+            raise UserError(
+                f"the supernet in {path} was trained for another architecture than "
+                "config.model; use a fresh --workdir"
+            )
+        if not replicate:
+            return jax.tree.map(jnp.asarray, params)
+        from vitjax.parallel import host_to_global, replicated
+
+        sharding = replicated(self.mesh)
+        return jax.tree.map(lambda a: host_to_global(a, sharding), params)
+
+    def ranks(self):
+        """The ranks that later stages select heads/neurons/tokens by: those the supernet was
+        last trained with (pretrain/ranks.npz), or with `config.score.rescore` the score
+        stage's. Static token mode needs token ranks; attention mode selects per image."""
+        from vitjax.scoring import load_ranks
+
+        rescore = bool(self.config.get("score", {}).get("rescore", False))
+        stage, name = ("score", "scores.npz") if rescore else ("pretrain", RANKS_FILE)
+        self.summary(stage)
+        ranks = load_ranks(self.workdir / stage / name)
+        if self.token_mode == "static" and ranks.token is None:
+            raise UserError(
+                f"{self.workdir / stage / name} has no token ranks but train.token_mode="
+                "'static' needs them; rerun that stage with token_mode='static'"
+            )
+        return ranks
+
+    def score_config(self):
+        from vitjax.scoring import ScoreConfig
+
+        fields = dict(self.config.get("score", {}))
+        for key in ("batch_size", "rescore"):
+            fields.pop(key, None)
+        preset = fields.pop("preset", "authors_code")
+        make = {"paper": ScoreConfig.paper, "authors_code": ScoreConfig.authors_code}
+        if preset not in make:
+            raise UserError(f"config.score.preset must be one of {sorted(make)}, not {preset!r}")
+        try:
+            return make[preset](**fields)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"config.score is invalid: {e}") from None

@@ -1,0 +1,102 @@
+"""Stage `pretrain`: supernet training (Eq. 5, Alg. 1 lines 3-6).
+
+Writes pretrain/supernet.safetensors (vitjax's weight format) and pretrain/ranks.npz, the
+ranks the supernet was last trained with, which later stages select sub-networks by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+import jax
+from etils import epath
+
+from vitjax.errors import UserError
+from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context
+
+
+class StepBatches:
+    """`step -> (images, labels)` over the data pipeline's sequential train stream: the trainer
+    asks for consecutive steps, and a jump (a resumed run) restarts the stream at that step.
+    Mixing (mixup/cutmix) happens in the jitted step, on device."""
+
+    def __init__(self, datasets):
+        self._datasets = datasets
+        self._next_step: int | None = None
+        self._iterator = None
+
+    def __call__(self, step: int):
+        if self._iterator is None or step != self._next_step:
+            self._iterator = iter(self._datasets.train_batches(step))
+        batch = next(self._iterator)
+        self._next_step = step + 1
+        return batch["image"], batch["label"]
+
+
+def load_init_checkpoint(ctx: Context, path: str):
+    """Parameters of `config.init.checkpoint`: a timm/DeiT checkpoint or a vitjax weight file
+    (the pipeline's supernet.safetensors, `vitjax.convert` output)."""
+    from vitjax.interop import is_native, load_native, load_timm
+
+    try:
+        if is_native(path):
+            config, params = load_native(path)
+        else:
+            model, params = load_timm(path, num_classes=ctx.model_config.num_classes,
+                                      image_size=ctx.model_config.image_size)
+            config = model.config
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise UserError(f"config.init.checkpoint: {e}") from None
+    if config != ctx.model_config:
+        want, got = ctx.model_config.to_dict(), config.to_dict()
+        differing = [f"{k}={got.get(k)!r} (config.model: {want.get(k)!r})"
+                     for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
+        raise UserError(f"config.init.checkpoint {path} does not fit config.model: "
+                        + ", ".join(differing))
+    return params
+
+
+def run(ctx: Context) -> dict:
+    from vitjax.interop import save_native
+    from vitjax.scoring import save_scores, score_model
+    from vitjax.training import train
+
+    out = ctx.stage_dir("pretrain")
+    config = ctx.config
+    checkpoint = config.get("init", {}).get("checkpoint")
+    init_params = load_init_checkpoint(ctx, checkpoint) if checkpoint else None
+    score_config = dataclasses.replace(ctx.score_config(),
+                                       score_tokens=ctx.token_mode == "static")
+    scoring_model = ctx.model()
+
+    def rank_fn(params, images):
+        return score_model(scoring_model, params, images, config=score_config).ranks()
+
+    if config.train.get("target_gmacs") is None and ctx.target_gmacs is not None:
+        config = config.copy_and_resolve_references()
+        config.train.target_gmacs = ctx.target_gmacs
+    datasets = ctx.datasets
+    eval_sets = {name: ctx.eval_batches(name) for name in datasets.eval_names}
+    score_batch = int(config.get("score", {}).get("batch_size", 256))
+    result = train(
+        config, str(out), model=ctx.model(train=True), train_batches=StepBatches(datasets),
+        eval_sets=eval_sets, init_params=init_params, rank_fn=rank_fn,
+        score_batch=(ctx.train_images(score_batch, gather=False), None), mesh=ctx.mesh,
+        num_classes=datasets.num_classes,
+    )
+    if result.preempted:
+        raise UserError("pretraining was preempted; rerun the same command to resume")
+    ranks = jax.device_get(result.ranks) if result.ranks is not None else None
+    params = jax.device_get(result.params)
+    if ctx.is_main:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, SUPERNET_FILE)
+            save_native(local, ctx.model_config, params)
+            epath.Path(local).copy(out / (SUPERNET_FILE + ".tmp"), overwrite=True)
+            (out / (SUPERNET_FILE + ".tmp")).replace(out / SUPERNET_FILE)
+        if ranks is not None:
+            save_scores(out / RANKS_FILE, ranks=ranks)
+    return {"metrics": result.metrics, "supernet": str(out / SUPERNET_FILE),
+            "ranks": str(out / RANKS_FILE) if ranks is not None else None}

@@ -1,0 +1,92 @@
+"""Writing results into a workdir: the one way vitjax writes files (etils.epath).
+
+Local folders and cloud buckets (gs://...) alike. Every writer is atomic: it writes a temporary
+sibling and renames it, so a killed run never leaves a half-written result that a rerun would
+take for a finished one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+PathLike = str | epath.PathLike
+
+
+def _tmp(path: epath.Path) -> epath.Path:
+    return path.parent / f".{path.name}.tmp"
+
+
+def write_bytes(path: PathLike, data: bytes) -> epath.Path:
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def write_text(path: PathLike, text: str) -> epath.Path:
+    return write_bytes(path, text.encode())
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "__array__"):
+        return np.asarray(value).tolist()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def write_json(path: PathLike, data: Any) -> epath.Path:
+    return write_text(path, json.dumps(data, indent=1, default=_json_default))
+
+
+def read_json(path: PathLike) -> Any:
+    return json.loads(epath.Path(path).read_text())
+
+
+def write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]],
+              fieldnames: Sequence[str] | None = None) -> epath.Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames or (rows[0] if rows else [])))
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+def write_npz(path: PathLike, arrays: Mapping[str, Any]) -> epath.Path:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    return write_bytes(path, buffer.getvalue())
+
+
+def read_npz(path: PathLike) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def save_figure(figure, path: PathLike, dpi: int = 120) -> epath.Path:
+    """A matplotlib figure as PNG (closed afterwards)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return write_bytes(path, buffer.getvalue())
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (servers have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
