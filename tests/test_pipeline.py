@@ -32,7 +32,10 @@ def test_main_runs_the_stages_and_skips_finished_ones(tmp_path):
         assert (tmp_path / stage / "DONE.json").exists()
     assert (tmp_path / "pretrain" / "supernet.safetensors").exists()
     summary = json.loads((tmp_path / "pretrain" / "DONE.json").read_text())
-    assert 0.0 <= summary["metrics"]["eval/test/dense/accuracy"] <= 1.0
+    assert set(summary["metrics"]) == {
+        f"eval/{split}/{policy}/{metric}" for split in ("holdout", "test")
+        for policy in ("dense", "target", "smallest") for metric in ("accuracy", "loss")}
+    assert (tmp_path / "pretrain" / "ranks.npz").exists()
     rows = json.loads((tmp_path / "criteria" / "DONE.json").read_text())["rows"]
     assert {r["dimension"] for r in rows} == {"neuron", "head", "token"}
     assert (tmp_path / "criteria" / "criteria.png").stat().st_size > 0

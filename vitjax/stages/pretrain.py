@@ -44,8 +44,10 @@ def load_init_checkpoint(ctx: Context, path: str):
         if is_native(path):
             config, params = load_native(path)
         else:
+            # A timm state dict does not store the head count: config.model says it.
             model, params = load_timm(path, num_classes=ctx.model_config.num_classes,
-                                      image_size=ctx.model_config.image_size)
+                                      image_size=ctx.model_config.image_size,
+                                      num_heads=ctx.model_config.num_heads)
             config = model.config
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise UserError(f"config.init.checkpoint: {e}") from None

@@ -1,0 +1,121 @@
+"""The pipeline's stages in process, as Flax's train_test.py does: real configs, tiny sizes."""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from vitjax.evaluate import evaluate
+from vitjax.scoring import load_ranks
+from vitjax.stages import runner
+from vitjax.workdir import read_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg=None):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_digits(**train):
+    config = load_config("digits")
+    config.model.update(embed_dim=16, depth=2, num_heads=2, mlp_dim=32, patch_size=8)
+    config.train.update(steps=4, warmup_steps=1, batch_size=32, eval_batch_size=128,
+                        log_every=2, eval_every=4, ckpt_every=2, score_every=2, **train)
+    config.score.batch_size = 32
+    return config
+
+
+def _is_permutation(rows):
+    rows = np.asarray(rows)
+    return all(sorted(r.tolist()) == list(range(rows.shape[-1])) for r in rows)
+
+
+def test_deit_ti_config_runs_on_mock_imagenet(tmp_path):
+    """configs/deit_ti.py as shipped (bfloat16, DeiT mixup/cutmix in the step, TFDS input) with
+    only the sizes shrunk."""
+    import tensorflow_datasets as tfds
+
+    config = load_config("deit_ti")
+    config.model.update(variant="mu/8", image_size=32)
+    config.data.update(image_size=32, holdout_per_class=0, shuffle_buffer=8)
+    config.train.update(steps=2, batch_size=8, eval_batch_size=16, warmup_steps=1, log_every=1,
+                        eval_every=0, ckpt_every=2, score_every=1)
+    config.score.batch_size = 8
+    config.stages = "pretrain,score"
+    assert config.model.dtype == "bfloat16" and config.augment.mixup > 0
+    with tfds.testing.mock_data(num_examples=24):
+        ctx = runner.run_pipeline(config, tmp_path)
+        metrics = read_json(tmp_path / "pretrain" / "DONE.json")["metrics"]
+        dense = evaluate(ctx.model(), ctx.load_supernet(replicate=True), None,
+                         ctx.eval_batches("test")(), ctx.mesh)
+    # The stage's final evaluation is the evaluator's result on the saved supernet.
+    assert metrics["eval/test/dense/accuracy"] == pytest.approx(dense["accuracy"])
+    assert metrics["eval/test/dense/loss"] == pytest.approx(dense["loss"], rel=1e-3)
+    ranks = load_ranks(tmp_path / "pretrain" / "ranks.npz")
+    assert ranks.token is None  # attention token mode: tokens are chosen per image
+    assert _is_permutation(ranks.head) and _is_permutation(ranks.neuron)
+    scores = np.load(tmp_path / "score" / "scores.npz")
+    assert scores["head"].shape == (2, 2) and scores["neuron"].shape == (2, 64)
+
+
+def test_static_token_mode_and_stored_ranks_through_the_pipeline(tmp_path):
+    config = tiny_digits(token_mode="static")
+    config.stages = "pretrain,score,criteria"
+    ctx = runner.run_pipeline(config, tmp_path)
+    stored = load_ranks(tmp_path / "pretrain" / "ranks.npz")
+    assert stored.token is not None and _is_permutation(stored.token)
+    # Later stages select by the ranks the supernet was trained with, unless told to rescore.
+    np.testing.assert_array_equal(ctx.ranks().neuron, stored.neuron)
+    config.score.rescore = True
+    rescored = runner.Context(config, ctx.workdir).ranks()
+    np.testing.assert_array_equal(rescored.token,
+                                  load_ranks(tmp_path / "score" / "scores.npz").token)
+    rows = read_json(tmp_path / "criteria" / "DONE.json")["rows"]
+    dense = {round(r["accuracy"], 6) for r in rows if r["ratio"] == 0.0}
+    assert len(dense) == 1  # ratio 0 is the whole supernet whatever the criterion
+    assert {r["dimension"] for r in rows} == {"neuron", "head", "token"}
+
+
+@pytest.mark.parametrize("fmt", ["vitjax", "timm"])
+def test_init_checkpoint_is_what_pretraining_starts_from(tmp_path, fmt):
+    """With a zero learning rate the supernet is exactly the checkpoint it started from."""
+    from vitjax.interop import load_native, save_native, save_timm
+    from vitjax.models import init_params
+
+    config = tiny_digits(lr=0.0, min_lr=0.0, warmup_lr=0.0, weight_decay=0.0)
+    config.stages = "pretrain"
+    ctx = runner.Context(config, tmp_path / "run")
+    params = jax.device_get(init_params(ctx.model(), jax.random.key(7)))
+    path = tmp_path / ("init.safetensors" if fmt == "vitjax" else "timm.safetensors")
+    if fmt == "vitjax":
+        save_native(path, ctx.model_config, params)
+    else:
+        save_timm(ctx.model(), params, str(path))
+    config.init.checkpoint = str(path)
+    runner.run_pipeline(config, tmp_path / "run")
+    _, trained = load_native(tmp_path / "run" / "pretrain" / "supernet.safetensors")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7), trained,
+                 params)
+
+
+def test_init_checkpoint_of_another_architecture_names_the_fields(tmp_path):
+    from vitjax.errors import UserError
+    from vitjax.interop import save_native
+    from vitjax.models import ViT, init_params
+
+    config = tiny_digits()
+    ctx = runner.Context(config, tmp_path / "run")
+    other = dataclasses.replace(ctx.model_config, mlp_dim=48)
+    save_native(tmp_path / "other.safetensors", other,
+                jax.device_get(init_params(ViT(other), jax.random.key(0))))
+    config.init.checkpoint = str(tmp_path / "other.safetensors")
+    config.stages = "pretrain"
+    with pytest.raises(UserError, match=r"mlp_dim=48 \(config.model: 32\)"):
+        runner.run_pipeline(config, tmp_path / "run")
