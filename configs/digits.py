@@ -22,6 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.stages = "pretrain,score,criteria"
     config.seed = 0
+    # Results of finished stages are reused on a rerun; with another config that would change
+    # them the run stops, unless overwrite=True, which redoes the stages whose config changed.
+    config.overwrite = False
     # The FLOPs budget T as a fraction of the dense model (0.6: the paper's "40% reduction").
     # Sets config.train.target_gmacs unless that is given explicitly.
     config.target_flops_fraction = 0.6

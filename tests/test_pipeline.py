@@ -42,8 +42,8 @@ def test_main_runs_the_stages_and_skips_finished_ones(tmp_path):
 
     again = _main(tmp_path, "--config.stages=pretrain,score")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "pretrain: done earlier, skipped" in again.stdout
-    assert "score: done earlier, skipped" in again.stdout
+    assert "pretrain: done earlier with this config, skipped" in again.stdout
+    assert "score: done earlier with this config, skipped" in again.stdout
 
 
 @pytest.mark.parametrize(

@@ -167,10 +167,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         x, y = clean(step)
         return (x * np.nan if step == 4 else x), y
 
-    message = "non-finite at step 4.*Last good checkpoint: step 4"
+    message = "non-finite at step 4.*last good checkpoint is step 4.*resume_overrides=lr"
     with pytest.raises(FloatingPointError, match=message):
         train(_config(steps=8), str(tmp_path), model=ViT(TINY), train_batches=batches)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+    # Resuming with a lower learning rate is a named, logged exception to the config check.
+    lower = _config(steps=8)
+    lower.train.lr = 1e-3
+    with pytest.raises(CheckpointError, match="another configuration.*lr"):
+        train(lower, str(tmp_path), model=ViT(TINY), train_batches=clean)
+    lower.train.resume_overrides = "lr"
+    resumed = train(lower, str(tmp_path), model=ViT(TINY), train_batches=clean)
+    assert resumed.step == 8
 
 
 _WORKER = textwrap.dedent(

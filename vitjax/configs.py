@@ -23,6 +23,9 @@ def deit_imagenet_config(
     config = ml_collections.ConfigDict()
     config.stages = "pretrain,score,criteria"
     config.seed = 0
+    # Results of finished stages are reused on a rerun; with another config that would change
+    # them the run stops, unless overwrite=True, which redoes the stages whose config changed.
+    config.overwrite = False
     config.target_flops_fraction = target_flops_fraction
     config.model = ml_collections.ConfigDict(dict(
         variant=variant, num_classes=1000, image_size=224, distilled=distilled,

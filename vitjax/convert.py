@@ -59,6 +59,9 @@ def convert(args: argparse.Namespace) -> str:
     """Does the conversion; returns the lines to print."""
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise ValueError("input and output are the same file")
+    if not Path(args.output).resolve().parent.is_dir():
+        raise ValueError(f"the output's directory {Path(args.output).parent} does not exist; "
+                         "create it first")
     if is_native(args.input):
         _check_suffix(args.output, _TIMM_OUT, "a timm output")
         config, params = load_native(args.input)

@@ -48,14 +48,50 @@ def main(argv):
     try:
         run_pipeline(config, workdir)
     except (UserError, CheckpointError, FloatingPointError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(_one_line(e))
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of an exception on one line (config loaders raise multi-line ones)."""
+    if isinstance(error, KeyError) and error.args:  # ml_collections: "'key'\nDid you mean..."
+        first, *rest = str(error.args[0]).splitlines() or [""]
+        lines = [f"no config field {first.strip(chr(39))!r}", *rest]
+    else:
+        lines = str(error).splitlines()
+    return "; ".join(line.strip() for line in lines if line.strip())
+
+
+def _fail(message: str) -> None:
+    """One line on stderr and exit status 2; skips interpreter teardown, where background
+    threads of orbax/TensorStore would otherwise print pages of shutdown noise."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a missing or broken config file and a misspelled or mistyped
+    --config.x=y override reported as one line (exit 2) instead of a traceback."""
+    given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    if not given and "--config" not in argv[1:]:
+        _fail("--config is required, e.g. --config=configs/digits.py")
+    for value in given:  # 'path' or 'path:argument'
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
+            _fail(f"--config: no such config file: {path} (the files are in configs/)")
+    try:
+        rest = flags.FLAGS(argv)
+        if _CONFIG.value is None:
+            _fail("--config is required, e.g. --config=configs/digits.py")
+        return rest
+    except flags.Error as e:
+        _fail(_one_line(e))
+    except (OSError, KeyError, AttributeError, TypeError, ValueError) as e:
+        _fail(f"--config: {_one_line(e)}")
 
 
 def run():
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

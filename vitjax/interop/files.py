@@ -156,6 +156,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temp = final.with_name(f".{final.stem}.tmp{os.getpid()}{final.suffix}")
     try:
         yield temp
+        # Some writers (safetensors) create files 0600; give it the mode the user's umask sets.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
         os.replace(temp, final)
     finally:
         if temp.exists():

@@ -23,16 +23,35 @@ class Stage:
     name: str
     run: Callable[[Context], dict]
     needs: tuple[str, ...]  # stages whose results it reads
+    sections: tuple[str, ...]  # config sections its results depend on (besides its needs')
     description: str
 
+
+# What a supernet depends on; every later stage reads the supernet.
+_SUPERNET = ("seed", "target_flops_fraction", "model", "init", "data", "augment", "train",
+             "score")
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        Stage("pretrain", pretrain.run, (), "supernet training (Eq. 5)"),
-        Stage("score", score.run, ("pretrain",), "HSIC scores (Eq. 2)"),
-        Stage("criteria", criteria.run, ("pretrain",), "criteria comparison (Fig. 1)"),
+        Stage("pretrain", pretrain.run, (), _SUPERNET, "supernet training (Eq. 5)"),
+        Stage("score", score.run, ("pretrain",), ("score",), "HSIC scores (Eq. 2)"),
+        Stage("criteria", criteria.run, ("pretrain",), ("score", "seed"),
+              "criteria comparison (Fig. 1)"),
     )
 }
 
-__all__ = ["ORDER", "STAGES", "Context", "Stage"]
+
+def upstream(name: str) -> list[str]:
+    """The stages whose results `name` reads, directly or through others, and itself."""
+    seen = [name]
+    for need in STAGES[name].needs:
+        seen += [s for s in upstream(need) if s not in seen]
+    return seen
+
+
+def sections(name: str) -> tuple[str, ...]:
+    """Config sections the results of stage `name` depend on (its own and its upstream's)."""
+    return tuple(dict.fromkeys(sec for s in upstream(name) for sec in STAGES[s].sections))
+
+__all__ = ["ORDER", "STAGES", "Context", "Stage", "sections", "upstream"]

@@ -137,7 +137,7 @@ class Context:
         from vitjax.data import make_datasets
 
         try:
-            return make_datasets(
+            datasets = make_datasets(
                 self.config.data,
                 self.config.get("augment"),
                 global_batch_size=int(self.config.train.batch_size),
@@ -145,6 +145,13 @@ class Context:
             )
         except FileNotFoundError as e:
             raise UserError(str(e)) from None
+        if datasets.num_classes != self.model_config.num_classes:
+            raise UserError(
+                f"{datasets.description} has {datasets.num_classes} classes but "
+                f"config.model.num_classes={self.model_config.num_classes}; set "
+                f"--config.model.num_classes={datasets.num_classes}"
+            )
+        return datasets
 
     def eval_batches(self, name: str):
         """A callable returning a fresh pass over evaluation set `name` ('holdout'/'test'),

@@ -9,6 +9,7 @@ configuration or one that cannot be read is an error, never a silent restart fro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,24 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    """Drops orbax's (and TensorStore's) log records while restoring: a failure becomes one
+    CheckpointError that carries the detail, instead of pages of logged errors."""
+
+    def keep(record) -> bool:
+        return "/orbax/" not in record.pathname and "tensorstore" not in record.pathname
+
+    handlers = logging.getLogger().handlers
+    for handler in handlers:
+        handler.addFilter(keep)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(keep)
 
 
 class CheckpointError(RuntimeError):
@@ -48,7 +67,8 @@ class Checkpointer:
     """CheckpointManager for one training run under `directory`."""
 
     def __init__(
-        self, directory: str, *, run_config: dict[str, Any], keep: int = 3, async_save=True
+        self, directory: str, *, run_config: dict[str, Any], keep: int = 3, async_save=True,
+        allowed_changes: tuple[str, ...] = (),
     ):
         # epath: local paths and cloud buckets (gs://...) alike.
         # orbax needs absolute paths; cloud URLs (gs://...) already are.
@@ -56,6 +76,8 @@ class Checkpointer:
         self.directory = epath.Path(os.path.abspath(directory) if local else directory)
         self.run_config = json.loads(json.dumps(run_config, default=str))
         self.fingerprint = config_fingerprint(self.run_config)
+        # Keys ('train.lr', ...) a resume may change on purpose (train.resume_overrides).
+        self.allowed_changes = tuple(allowed_changes)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
@@ -70,7 +92,11 @@ class Checkpointer:
             (float, ocp.type_handlers.ScalarHandler()),
             (np.number, ocp.type_handlers.ScalarHandler()),
         )
-        self.manager = ocp.CheckpointManager(
+        with _orbax_quiet():  # it reads existing checkpoints' metadata; restore reports damage
+            self.manager = self._manager(options, registry)
+
+    def _manager(self, options, registry) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
             self.directory,
             options=options,
             item_handlers={
@@ -80,7 +106,8 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        with _orbax_quiet():
+            return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
         """Starts an (async) save; the device-to-host copy finishes before this returns, so the
@@ -112,30 +139,41 @@ class Checkpointer:
             return None, None
         where = str(self.directory / str(step))
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            with _orbax_quiet():
+                meta = self.manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = meta["meta"]
         except Exception as e:  # noqa: BLE001 - orbax raises many types; all mean "unreadable"
             raise CheckpointError(
                 f"checkpoint {where} is unreadable ({type(e).__name__}: {e}); delete that "
                 "directory to resume from the previous checkpoint, or use a new workdir"
             ) from e
+        diff = []
         if meta.get("config_hash") != self.fingerprint:
             diff = _differences(meta.get("config", {}), self.run_config)
+        if diff and all(d.split(":")[0] in self.allowed_changes for d in diff):
+            logging.warning("resuming %s with changed %s (train.resume_overrides)", where,
+                            "; ".join(diff))
+            print(f"[vitjax] resuming {where} with changed {'; '.join(diff)}", flush=True)
+            diff = []
+        if diff:
             raise CheckpointError(
                 f"checkpoint {where} was written by a run with another configuration "
                 f"({'; '.join(diff[:8]) or 'hash differs'}); resume with the same configuration "
                 "or use a new workdir"
             )
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=abstract_state,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
-                    )
-                ),
-            )
+            with _orbax_quiet():
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(
+                            item=abstract_state,
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                abstract_state),
+                        )
+                    ),
+                )
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(
                 f"checkpoint {where} could not be restored into the current model/optimizer "

@@ -41,6 +41,9 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.ckpt_every = 500
     c.keep_checkpoints = 3
     c.async_checkpoints = True
+    # Resume a run with these optimisation keys changed (comma-separated, e.g. 'lr' after the
+    # loss diverged); any other change to a run's configuration is refused on resume.
+    c.resume_overrides = ""
     return c
 
 

@@ -53,7 +53,7 @@ RankFn = Callable[[Any, jax.Array], Ranks]
 # Keys of config.train that do not change what a run computes: they may differ on resume.
 _BOOKKEEPING_KEYS = (
     "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "async_checkpoints",
-    "eval_batch_size",
+    "eval_batch_size", "resume_overrides",
 )
 
 
@@ -247,6 +247,18 @@ def _run_config(config: ml_collections.ConfigDict, model: ViT, init_given: bool)
     }
 
 
+def _nonfinite_message(step: int, checkpointer, tcfg) -> str:
+    last = checkpointer.latest_step()
+    lower = float(tcfg.lr) / 4
+    where = (f"the last good checkpoint is step {last} in {checkpointer.directory}; resume "
+             f"from it with a lower learning rate: rerun the same command with "
+             f"--config.train.lr={lower:.3g} --config.train.resume_overrides=lr"
+             if last is not None else "no checkpoint was saved; lower train.lr and rerun")
+    return (f"training loss became non-finite at step {step}; stopped without saving: {where} "
+            "(or clip gradients: --config.train.grad_clip=1.0 "
+            "--config.train.resume_overrides=grad_clip)")
+
+
 def _to_dict(cfg) -> dict:
     if cfg is None:
         return {}
@@ -289,11 +301,13 @@ def train(
     if is_main:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
+    overrides = [k.strip() for k in str(tcfg.get("resume_overrides", "") or "").split(",")]
     checkpointer = ckpt_lib.Checkpointer(
         epath.Path(workdir) / "checkpoints",
         run_config=_run_config(config, model, init_params is not None),
         keep=int(tcfg.get("keep_checkpoints", 3)),
         async_save=bool(tcfg.get("async_checkpoints", True)),
+        allowed_changes=tuple(f"train.{k}" for k in overrides if k),
     )
     state, start = checkpointer.restore(trainer.abstract_state)
     if state is None:
@@ -344,7 +358,8 @@ def train(
     ckpt_every = int(tcfg.get("ckpt_every", 0) or 0)
     history, history_steps, gmacs_history = [], [], []
     eval_metrics: dict[str, float] = {}
-    preempted = False
+    preempted = diverging = False
+    best_loss: float | None = None
     done = start
     try:
         if is_main and start == 0:
@@ -378,6 +393,10 @@ def train(
             history_steps.append(step)
             gmacs_history.append(gmacs)
             if report is not None:
+                # At most one step in flight (the next is dispatched while this one runs), so
+                # the progress line counts finished steps, not queued ones.
+                jax.block_until_ready(history[-2] if len(history) > 1 and done < steps
+                                      else history[-1])
                 report(done)
             preempted = watch.should_stop(done)
             save_now = preempted or done == steps or (ckpt_every and done % ckpt_every == 0)
@@ -388,12 +407,16 @@ def train(
                 bad = metrics_lib.first_nonfinite(fetched, history_steps)
                 if bad is not None:
                     checkpointer.wait()
-                    raise FloatingPointError(
-                        f"training loss became non-finite at step {bad}; stopped without "
-                        f"saving. Last good checkpoint: step {checkpointer.latest_step()} in "
-                        f"{checkpointer.directory}. Lower train.lr or set train.grad_clip."
-                    )
+                    raise FloatingPointError(_nonfinite_message(bad, checkpointer, tcfg))
                 summary = metrics_lib.mean_metrics(fetched)
+                diverging = best_loss is not None and summary["loss"] > max(
+                    2.0 * best_loss, best_loss + 1.0)
+                if diverging:
+                    logging.warning("loss %.3g at step %d is far above its best %.3g: no "
+                                    "checkpoint is written until it recovers", summary["loss"],
+                                    done, best_loss)
+                else:
+                    best_loss = min(summary["loss"], best_loss or summary["loss"])
                 if sampler is not None:
                     summary["policy_gmacs"] = float(np.mean(gmacs_history))
                 writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
@@ -401,7 +424,9 @@ def train(
             if eval_now and eval_sets:
                 eval_metrics = run_eval(state)
                 writer.write_scalars(done, eval_metrics)
-            if save_now:
+            if save_now and not diverging:
+                # A diverging state is never saved: the last checkpoint stays one to resume
+                # from (with a lower learning rate) if the loss goes on to become NaN.
                 checkpointer.save(done, state)
             if preempted:
                 logging.warning("preempted: saved step %d, stopping", done)

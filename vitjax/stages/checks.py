@@ -1,0 +1,144 @@
+"""Up-front checks of a pipeline config and workdir: user mistakes become one-line `UserError`s
+before any work starts, and finished stages are never silently reused with another config."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from etils import epath
+
+from vitjax.errors import UserError
+
+TOKEN_MODES = ("attention", "static")
+# Keys that never change what a stage computes: they may differ between a run and its rerun.
+BOOKKEEPING = {
+    "stages", "overwrite", "mesh", "distributed", "workdir",
+    "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
+    "train.async_checkpoints", "train.eval_batch_size", "train.resume_overrides",
+    "data.num_parallel_calls", "data.prefetch", "data.cache_eval",
+}
+# Optimisation hyper-parameters that `train.resume_overrides` may change when resuming a run
+# (e.g. a lower learning rate after the loss diverged).
+RESUMABLE_TRAIN_KEYS = ("lr", "min_lr", "warmup_lr", "warmup_steps", "grad_clip",
+                        "weight_decay", "b1", "b2", "steps")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Validates (and, where a default cannot fit, adjusts with a warning) the config."""
+    train = config.train
+    steps = int(train.steps)
+    _require(steps > 0, f"config.train.steps={steps}: training needs at least one step")
+    for key in ("batch_size", "eval_batch_size"):
+        value = train.get(key)
+        _require(value is None or int(value) > 0,
+                 f"config.train.{key}={value}: must be a positive number of images")
+    warmup = int(train.get("warmup_steps", 0) or 0)
+    _require(warmup >= 0, f"config.train.warmup_steps={warmup} must be >= 0")
+    if warmup >= steps:
+        clamped = steps // 10
+        logging.warning("config.train.warmup_steps=%d is not below train.steps=%d; using %d "
+                        "(a tenth of the run)", warmup, steps, clamped)
+        print(f"[vitjax] warning: train.warmup_steps={warmup} >= train.steps={steps}; "
+              f"warming up for {clamped} steps instead", flush=True)
+        train.warmup_steps = clamped
+    token_mode = train.get("token_mode", "attention")
+    _require(token_mode in TOKEN_MODES,
+             f"config.train.token_mode={token_mode!r}: choose one of {', '.join(TOKEN_MODES)}")
+    dtype = config.model.get("dtype", "float32")
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    _require(ok, f"config.model.dtype={dtype!r}: use float32 or bfloat16 (float16 also works)")
+    overrides = _split(train.get("resume_overrides", ""))
+    unknown = sorted(set(overrides) - set(RESUMABLE_TRAIN_KEYS))
+    _require(not unknown, f"config.train.resume_overrides names {unknown}: only "
+             f"{', '.join(RESUMABLE_TRAIN_KEYS)} may change when resuming")
+    fraction = config.get("target_flops_fraction")
+    if fraction is not None and train.get("target_gmacs") is None:
+        _require(0 < float(fraction) < 1,
+                 f"config.target_flops_fraction={fraction}: the FLOPs budget is a fraction of "
+                 "the dense model in (0, 1), e.g. 0.6 for the paper's 40% reduction")
+
+
+def check_target(model_config, target_gmacs: float | None, dense_gmacs: float,
+                 token_mode: str) -> None:
+    """The FLOPs budget must lie between the smallest model the supernet samples and dense."""
+    del token_mode
+    if target_gmacs is None:
+        return
+    from vitjax.pruning import Policy, count_flops
+    from vitjax.pruning.policy import SamplingSpace
+
+    space = SamplingSpace()
+    smallest = count_flops(model_config, Policy.uniform(
+        model_config.depth, space.neuron, space.head, space.token)).total
+    _require(target_gmacs < dense_gmacs,
+             f"FLOPs target {target_gmacs:.4g} GMACs is not below the dense model "
+             f"({dense_gmacs:.4g} GMACs); lower config.target_flops_fraction (or "
+             "train.target_gmacs)")
+    _require(target_gmacs >= smallest,
+             f"FLOPs target {target_gmacs:.4g} GMACs ({target_gmacs / dense_gmacs:.1%} of dense) "
+             f"is below the smallest model the supernet can sample ({smallest:.4g} GMACs, "
+             f"{smallest / dense_gmacs:.1%}); raise config.target_flops_fraction above "
+             f"{smallest / dense_gmacs:.2f}")
+
+
+def check_workdir(path: epath.Path) -> None:
+    """The workdir must be a writable directory (created if missing)."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--workdir {path} is a file, not a directory; choose another path")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".vitjax_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except PermissionError:
+        raise UserError(f"--workdir {path} is not writable; choose a directory you can write "
+                        "to") from None
+    except OSError as e:
+        raise UserError(f"--workdir {path} cannot be used: {e.strerror or e}") from None
+
+
+def _split(value: Any) -> list[str]:
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def stage_config(config: ml_collections.ConfigDict, sections: Iterable[str]) -> dict[str, Any]:
+    """The part of the config a stage's results depend on: its sections (and those of the
+    stages it reads), flattened, minus bookkeeping. Stored in the stage's DONE.json."""
+    flat = flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+    wanted = tuple(sections)
+    return {k: v for k, v in sorted(flat.items())
+            if k not in BOOKKEEPING and k.split(".")[0] in wanted}
+
+
+def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """'key: old -> new' for every key whose value differs."""
+    return [f"{k}: {recorded.get(k, '<unset>')!r} -> {current.get(k, '<unset>')!r}"
+            for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
