@@ -1,6 +1,5 @@
 """Test set-up: 8 fake CPU devices so sharding is exercised without accelerators."""
 import os
-import tempfile
 
 # Must happen before jax is imported anywhere in the test process.
 os.environ["XLA_FLAGS"] = (
@@ -9,9 +8,12 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Tests compile the same small programs in many processes (xdist workers, subprocess tests):
-# share them through JAX's persistent compilation cache.
+# share them through JAX's persistent compilation cache, kept in pytest's own (git-ignored)
+# cache folder of this checkout rather than in a shared /tmp.
 os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "vitjax-test-jit-cache")
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+                 "jax-compilation-cache"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # TensorFlow must never grab an accelerator in tests.
