@@ -9,6 +9,7 @@ pruning criteria are compared (the paper's Fig. 1). See BUILD_NOTES.md for what 
 
 import ml_collections
 
+from vitjax.configs import finetune_config, prune_config
 from vitjax.data.config import digits_data_config, light_augment_config
 from vitjax.training.config import (
     default_distributed_config,
@@ -66,5 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # HSIC scoring (Sec. 3.2). 'authors_code': Gaussian feature kernel averaged over sigma in
     # {1,2,4,8,16}, linear output kernel (the authors' release); 'paper': sigma = 1 throughout,
     # which ranks poorly on wide features (BUILD_NOTES.md). Other ScoreConfig fields override.
-    config.score = ml_collections.ConfigDict(dict(preset="authors_code", batch_size=256))
+    # rescore=True: later stages select by the score stage's ranks instead of the supernet's.
+    config.score = ml_collections.ConfigDict(dict(preset="authors_code", batch_size=256,
+                                                  rescore=False))
+    config.prune = prune_config()
+    config.finetune = finetune_config(steps=200, lr=5e-4, warmup_steps=20, eval_every=0,
+                                      ckpt_every=100)
     return config

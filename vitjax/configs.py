@@ -12,6 +12,24 @@ from vitjax.training.config import (
 )
 
 
+def prune_config(round_to: int = 0) -> ml_collections.ConfigDict:
+    """`config.prune`: which policy to cut, and optional hardware-friendly rounding."""
+    return ml_collections.ConfigDict(dict(
+        policy="",  # a policy JSON file; empty: the search stage's best policy
+        round_to=round_to,  # round kept neurons/tokens to multiples of this (0: off)
+    ))
+
+
+def finetune_config(**train_overrides) -> ml_collections.ConfigDict:
+    """`config.finetune`: keys of config.train to override for finetuning the pruned model
+    (same recipe by default, Sec. 4), plus logit distillation from the dense supernet."""
+    return ml_collections.ConfigDict(dict(
+        distill=0.0,  # weight of the KL to the dense supernet's logits; 0: off (the paper)
+        temperature=1.0,  # distillation temperature
+        **train_overrides,
+    ))
+
+
 def deit_imagenet_config(
     variant: str, *, distilled: bool = False, target_flops_fraction: float = 0.6
 ) -> ml_collections.ConfigDict:
@@ -43,5 +61,10 @@ def deit_imagenet_config(
     config.train.score_every = 5000
     config.mesh = default_mesh_config()
     config.distributed = default_distributed_config()
-    config.score = ml_collections.ConfigDict(dict(preset="authors_code", batch_size=256))
+    # rescore=True: later stages select by the score stage's ranks instead of the supernet's.
+    config.score = ml_collections.ConfigDict(dict(preset="authors_code", batch_size=256,
+                                                  rescore=False))
+    config.prune = prune_config()
+    # Sec. 4: the pruned model is finetuned "following the same training strategy".
+    config.finetune = finetune_config()
     return config

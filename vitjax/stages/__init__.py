@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from vitjax.stages import criteria, pretrain, score
+from vitjax.stages import criteria, finetune, pretrain, prune, score
 from vitjax.stages.context import Context
 
 # The paper's pipeline (DESIGN.md); a name without an entry in STAGES is not built yet.
@@ -38,6 +38,10 @@ STAGES: dict[str, Stage] = {
         Stage("score", score.run, ("pretrain",), ("score",), "HSIC scores (Eq. 2)"),
         Stage("criteria", criteria.run, ("pretrain",), ("score", "seed"),
               "criteria comparison (Fig. 1)"),
+        Stage("prune", prune.run, ("pretrain", "search"), ("prune",),
+              "physically smaller model (Alg. 1 line 12)"),
+        Stage("finetune", finetune.run, ("prune",), ("finetune",),
+              "finetuning the pruned model (Alg. 1 line 13)"),
     )
 }
 
@@ -46,7 +50,8 @@ def upstream(name: str) -> list[str]:
     """The stages whose results `name` reads, directly or through others, and itself."""
     seen = [name]
     for need in STAGES[name].needs:
-        seen += [s for s in upstream(need) if s not in seen]
+        if need in STAGES:
+            seen += [s for s in upstream(need) if s not in seen]
     return seen
 
 

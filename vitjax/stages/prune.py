@@ -1,0 +1,117 @@
+"""Stage `prune` (Alg. 1 line 12): the chosen policy + the supernet's ranks -> a physically
+smaller model: prune/pruned.safetensors (vitjax format: parameters + the pruned ViTConfig),
+prune/architecture.json and prune/policy.json.
+
+The policy is `config.prune.policy` (a policy JSON file) when given, else the search stage's
+best policy. The pruned model is checked against the masked supernet on a hold-out batch (the
+same logits), and evaluated without finetuning.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+import numpy as np
+from etils import epath
+
+from vitjax import workdir as workdir_lib
+from vitjax.errors import UserError
+from vitjax.stages.context import Context
+
+PRUNED_FILE = "pruned.safetensors"
+
+
+def chosen_policy(ctx: Context):
+    """(Policy, where it came from): config.prune.policy, else the search stage's best."""
+    from vitjax.pruning import Policy
+
+    given = ctx.config.get("prune", {}).get("policy")
+    if given:
+        path = epath.Path(given)
+        if not path.exists():
+            raise UserError(f"config.prune.policy: no such file {given}")
+        source = str(path)
+    else:
+        path = ctx.workdir / "search" / "best_policy.json"
+        if not ctx.done_file("search").exists() or not path.exists():
+            raise UserError("the prune stage needs a policy: run the search stage first, or "
+                            "give one with --config.prune.policy=policy.json")
+        source = "search stage"
+    try:
+        policy = Policy.from_json(path.read_text()).validate(ctx.model_config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"policy from {source} is invalid: {e}") from None
+    return policy, source
+
+
+def parameter_count(params) -> int:
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+
+
+def save_model(path: epath.Path, config, params) -> None:
+    """vitjax's weight file, written locally then copied (works for gs:// workdirs)."""
+    from vitjax.interop import save_native
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, path.name)
+        save_native(local, config, params)
+        epath.Path(local).copy(path.parent / (path.name + ".tmp"), overwrite=True)
+        (path.parent / (path.name + ".tmp")).replace(path)
+
+
+def run(ctx: Context) -> dict:
+    from vitjax.evaluate import evaluate
+    from vitjax.pruning import count_flops, prune_params
+    from vitjax.pruning.masks import masks_from_ranks
+
+    out = ctx.stage_dir("prune")
+    policy, source = chosen_policy(ctx)
+    round_to = int(ctx.config.get("prune", {}).get("round_to", 0) or 0)
+    if round_to:
+        from vitjax.export.rounding import round_policy_to_multiple
+
+        policy = round_policy_to_multiple(ctx.model_config, policy, round_to,
+                                          ctx.target_gmacs or ctx.dense_gmacs)
+    ranks = ctx.ranks()
+    supernet = jax.device_get(ctx.load_supernet())
+    pruned_config, pruned_params = prune_params(ctx.model_config, supernet, policy, ranks,
+                                                ctx.token_mode)
+
+    # The physically pruned model must compute what the masked supernet computed.
+    batch = next(iter(ctx.eval_batches("holdout" if "holdout" in ctx.datasets.eval_names
+                                       else "test")()))
+    images = batch["image"][: max(int(batch["mask"].sum()), 1)]
+    masks = masks_from_ranks(ctx.model_config, ranks, policy.keep_counts(ctx.model_config),
+                             ctx.token_mode)
+    masked_logits, _ = jax.jit(ctx.model().apply)({"params": supernet}, images, masks)
+    pruned_logits, _ = jax.jit(ctx.model(pruned_config).apply)({"params": pruned_params}, images)
+    max_diff = float(np.abs(np.asarray(masked_logits) - np.asarray(pruned_logits)).max())
+    if max_diff > 1e-3 * max(1.0, float(np.abs(np.asarray(masked_logits)).max())):
+        raise RuntimeError(f"pruned model differs from the masked supernet by {max_diff}")
+
+    accuracy = {}
+    for name in ctx.datasets.eval_names:
+        result = evaluate(ctx.model(pruned_config), pruned_params, None,
+                          ctx.eval_batches(name)(), ctx.mesh)
+        accuracy[name] = result["accuracy"]
+    dense_gmacs, pruned_gmacs = ctx.dense_gmacs, count_flops(pruned_config).total
+    if ctx.is_main:
+        save_model(out / PRUNED_FILE, pruned_config, pruned_params)
+        workdir_lib.write_text(out / "architecture.json", pruned_config.to_json())
+        workdir_lib.write_text(out / "policy.json", policy.to_json())
+    summary = {
+        "policy_source": source, "policy": policy.to_dict(), "round_to": round_to,
+        "dense_gmacs": dense_gmacs, "pruned_gmacs": pruned_gmacs,
+        "flops_reduction": 1.0 - pruned_gmacs / dense_gmacs,
+        "dense_params": parameter_count(supernet),
+        "pruned_params": parameter_count(pruned_params),
+        "accuracy_before_finetune": accuracy, "max_logit_diff_vs_masked": max_diff,
+        "file": str(out / PRUNED_FILE),
+    }
+    print(f"[vitjax] prune: {pruned_gmacs:.4g} of {dense_gmacs:.4g} GMACs "
+          f"({summary['flops_reduction']:.1%} fewer), {summary['pruned_params']:,} of "
+          f"{summary['dense_params']:,} parameters; accuracy before finetuning "
+          + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
+    return summary
