@@ -11,10 +11,14 @@ its own, so a config file fully describes what a run reads.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
+from ml_collections import config_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what an image folder may hold
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -24,19 +28,26 @@ def default_data_config() -> ml_collections.ConfigDict:
             source="digits",  # 'digits' | 'tfds' | 'folder'
             # --- tfds ---
             name="",  # TFDS dataset name, e.g. 'imagenet2012'
-            data_dir=None,  # TFDS data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-            manual_dir=None,  # where manually downloaded archives are (ImageNet tars)
+            # Optional fields are typed placeholders (None until set), so that command-line
+            # overrides such as --config.data.data_dir=/data work.
+            data_dir=config_dict.placeholder(str),  # None: $TFDS_DATA_DIR, ~/tensorflow_datasets
+            # The manually downloaded archives (ImageNet tars); None: data_dir/downloads/manual
+            manual_dir=config_dict.placeholder(str),
             prepare=False,  # True: run TFDS download_and_prepare (from manual_dir) if missing
             image_key="image",
             label_key="label",
-            # --- folder: root/<split>/<class name>/*.jpg|jpeg|png ---
+            # --- folder: root/<split>/<class name>/*.jpg|jpeg|png|bmp|gif ---
             root="",
+            # Leave out images that cannot be decoded (found by test-decoding every file once at
+            # start-up, logged as "skipped N undecodable images"); False: the first one met
+            # stops the run with its path.
+            skip_bad_images=False,
             # --- all sources ---
             train_split="train",
             eval_split="test",  # what finetuning/evaluation reports on ('validation' for ImageNet)
             image_size=32,  # model input resolution
             channels=3,  # grey sources are repeated to this many channels
-            num_classes=None,  # None: taken from the source; else checked against it
+            num_classes=config_dict.placeholder(int),  # None: from the source; else checked
             mean=(0.3, 0.3, 0.3),  # in [0, 1] pixel units
             std=(0.4, 0.4, 0.4),
             eval_crop_pct=0.875,  # eval: resize shorter side to image_size / crop_pct, centre crop
@@ -102,10 +113,34 @@ def imagenet_data_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def folder_data_config(root: str, **overrides) -> ml_collections.ConfigDict:
-    """A folder of images `root/<split>/<class>/*.jpg` with ImageNet statistics."""
-    config = imagenet_data_config(source="folder", name="", root=root, eval_split="val")
+    """A folder of images `root/train/<class>/*.jpg`, `root/val/<class>/*.jpg` with ImageNet
+    statistics; the class count comes from the folder (`num_classes` unset)."""
+    config = imagenet_data_config(
+        source="folder",
+        name="",
+        root=root,
+        train_split="train",
+        eval_split="val",
+    )
+    config.num_classes = None
     config.update(overrides)
     return config
+
+
+def folder_image_counts(root: str, split: str = "train") -> dict[str, int] | None:
+    """{class folder name: number of image files} of `root/split`, read without TensorFlow
+    (configs/folder.py sizes the model and the schedule from it). None for a cloud URL or a
+    missing folder: make_datasets then reads the classes itself, or says what is wrong."""
+    split_dir = os.path.join(root, split)
+    if not root or "://" in root or not os.path.isdir(split_dir):
+        return None
+    counts = {}
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if entry.is_dir():
+            counts[entry.name] = sum(
+                f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(entry.path)
+            )
+    return counts
 
 
 def deit_augment_config(**overrides) -> ml_collections.ConfigDict:

@@ -16,6 +16,7 @@ import ml_collections
 import tensorflow as tf
 
 from vitjax.data import augment
+from vitjax.errors import UserError
 
 
 def image_shape(raw: tf.Tensor) -> tf.Tensor:
@@ -178,7 +179,8 @@ def _stats(data_config):
     if len(mean) == 1:
         mean, std = mean * channels, std * channels
     if len(mean) != channels or len(std) != channels:
-        raise ValueError(
-            f"config.data.mean/std have {len(mean)}/{len(std)} entries for {channels} channels"
+        raise UserError(
+            f"config.data.mean/std have {len(mean)}/{len(std)} entries for {channels} channels; "
+            f"give one value or {channels} values each"
         )
     return mean, std

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vitjax.errors import UserError
+
 
 def process_slice(
     num_examples: int, process_index: int, process_count: int, *, drop_remainder: bool = True
@@ -36,11 +38,16 @@ def process_slice(
     return start, start + base + (process_index < extra)
 
 
-def local_batch_size(global_batch_size: int, process_count: int) -> int:
+def local_batch_size(
+    global_batch_size: int, process_count: int, what: str = "batch size (config.train.batch_size)"
+) -> int:
+    """Rows each process contributes to a global batch; a UserError for impossible sizes."""
+    if int(global_batch_size) <= 0:
+        raise UserError(f"{what} must be a positive number of images, got {global_batch_size}")
     if global_batch_size % process_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by the {process_count} "
-            "processes; choose a multiple of the process count"
+        raise UserError(
+            f"{what} {global_batch_size} is not divisible by the {process_count} processes; "
+            "choose a multiple of the process count"
         )
     return global_batch_size // process_count
 

@@ -20,18 +20,23 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+from vitjax.data import image_check
+from vitjax.data.config import IMAGE_EXTENSIONS
+from vitjax.errors import UserError
 
 _IMAGENET_HOWTO = (
     "To prepare ImageNet: download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
     "https://image-net.org into the manual_dir ({manual_dir}), then run "
-    "`tfds build imagenet2012 --data_dir={data_dir} --manual_dir={manual_dir}` once "
-    "(or rerun with --config.data.prepare=True)."
+    "`python -m vitjax.data.prepare imagenet2012 --data_dir={data_dir} "
+    "--manual_dir={manual_dir}` once (or rerun with --config.data.prepare=True)."
 )
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """The configured dataset is not where the config says; the message says how to prepare it."""
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """The configured dataset is not where the config says; the message says how to prepare it.
+
+    A `UserError` (printed as one line by `vitjax.main`) and, for older callers, a
+    FileNotFoundError."""
 
 
 @dataclasses.dataclass
@@ -43,6 +48,8 @@ class IndexedSource:
     images: np.ndarray | None = None  # uint8 [n, h, w, c] held in memory, or
     paths: Sequence[str] | None = None  # one encoded image file per example
     description: str = ""
+    class_names: Sequence[str] | None = None  # label id -> name, for messages
+    skipped: tuple[str, ...] = ()  # undecodable files left out (config.data.skip_bad_images)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -69,6 +76,15 @@ class IndexedSource:
 
         return indices.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+    def paths_of(self, indices) -> list[str]:
+        """The files of examples `indices` (empty for in-memory sources)."""
+        if self.paths is None:
+            return []
+        return [self.paths[int(i)] for i in indices]
+
+    def class_name(self, label: int) -> str:
+        return repr(self.class_names[label]) if self.class_names else str(label)
+
 
 def digits_source(split: str, *, test_fraction: float, seed: int) -> IndexedSource:
     """'train' or 'test' part of scikit-learn's digits (class-balanced, seeded)."""
@@ -81,7 +97,10 @@ def digits_source(split: str, *, test_fraction: float, seed: int) -> IndexedSour
     elif split == "train":
         keep = np.setdiff1d(np.arange(len(labels)), test)
     else:
-        raise ValueError(f"digits has splits 'train' and 'test', got {split!r}")
+        raise UserError(
+            f"digits has splits 'train' and 'test', got {split!r}; set "
+            "config.data.train_split='train' and config.data.eval_split='test'"
+        )
     return IndexedSource(
         labels=labels[keep],
         num_classes=digits.NUM_CLASSES,
@@ -90,52 +109,129 @@ def digits_source(split: str, *, test_fraction: float, seed: int) -> IndexedSour
     )
 
 
-def folder_classes(root: str, split: str) -> list[str]:
-    """Sorted class directory names of `root/split`; these define the label ids."""
-    split_dir = os.path.join(root, split)
-    if not tf.io.gfile.isdir(split_dir):
-        raise DatasetNotFoundError(
-            f"image folder not found: looked for {split_dir!r}. Lay images out as "
-            f"{os.path.join(root, '<split>', '<class name>', '<image>.jpg')} (one directory per "
-            "class, the same class names in every split) and set config.data.root to the folder "
-            "that holds the split directories."
-        )
+def _subdirs(path: str) -> list[str]:
     return sorted(
         d.rstrip("/")
-        for d in tf.io.gfile.listdir(split_dir)
-        if tf.io.gfile.isdir(os.path.join(split_dir, d))
+        for d in tf.io.gfile.listdir(path)
+        if tf.io.gfile.isdir(os.path.join(path, d.rstrip("/")))
     )
 
 
-def folder_source(root: str, split: str, classes: Sequence[str] | None = None) -> IndexedSource:
-    """Images in `root/split/<class>/*`; label ids follow `classes` (default: this split's)."""
-    found = folder_classes(root, split)
+def _image_files(path: str) -> list[str]:
+    return sorted(f for f in tf.io.gfile.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _layout(root: str, split: str = "<split>") -> str:
+    return os.path.join(root, split, "<class>", "<image>.jpg")
+
+
+def folder_classes(root: str, split: str, field: str = "train_split") -> list[str]:
+    """Sorted class directory names of `root/split`; these define the label ids.
+
+    `field` names the config field that chose `split`, for the message when it is missing."""
+    if not root:
+        raise UserError(
+            "config.data.root is empty: set --config.data.root to the folder that holds the "
+            f"split folders ({_layout('DIR', 'train')})"
+        )
+    split_dir = os.path.join(root, split)
+    if not tf.io.gfile.isdir(root):
+        raise DatasetNotFoundError(
+            f"image folder not found: looked for {split_dir!r} but config.data.root={root!r} "
+            f"does not exist; lay images out as {_layout(root)} and set config.data.root to "
+            "that folder"
+        )
+    if not tf.io.gfile.isdir(split_dir):
+        present = _subdirs(root)
+        if any(_image_files(os.path.join(root, d)) for d in present[:50]):
+            hint = f"{root} holds class folders of images directly; move them into {split_dir}/"
+        elif present:
+            hint = (
+                f"{root} holds {present[:8]}: set config.data.{field} to one of them, or lay "
+                f"images out as {_layout(root, split)}"
+            )
+        else:
+            hint = f"{root} is empty; lay images out as {_layout(root, split)}"
+        raise DatasetNotFoundError(
+            f"image folder not found: looked for {split_dir!r} (config.data.{field}={split!r}); "
+            f"{hint}"
+        )
+    classes = _subdirs(split_dir)
+    if not classes:
+        loose = _image_files(split_dir)
+        what = f"images lie directly in {split_dir}" if loose else f"{split_dir} has no folders"
+        raise DatasetNotFoundError(
+            f"no class folders in {split_dir}: {what}; put each class's images in its own "
+            f"folder, {os.path.join(split_dir, '<class>', '<image>.jpg')}"
+        )
+    return classes
+
+
+def folder_source(
+    root: str,
+    split: str,
+    classes: Sequence[str] | None = None,
+    *,
+    field: str = "train_split",
+    skip_bad_images: bool = False,
+    channels: int = 3,
+) -> IndexedSource:
+    """Images in `root/split/<class>/*`; label ids follow `classes` (default: this split's).
+
+    Without `classes` (the training split) every class folder must hold images; with them (an
+    evaluation split) a class may be absent but no unknown class may appear. With
+    `skip_bad_images` every file is test-decoded first and the undecodable ones are left out
+    (and logged), so the index, the hold-out and the epoch permutations never include them.
+    """
+    found = folder_classes(root, split, field)
+    split_dir = os.path.join(root, split)
+    is_train = classes is None
     classes = list(classes) if classes is not None else found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(
-            f"{os.path.join(root, split)} has classes {unknown[:5]} that the training split does "
-            "not have; every split must use the training split's class directories"
+        raise UserError(
+            f"{split_dir} has class folders {unknown[:5]} that the training split does not "
+            "have; every split must use the training split's class folder names"
         )
     paths, labels = [], []
     for label, name in enumerate(classes):
-        class_dir = os.path.join(root, split, name)
+        class_dir = os.path.join(split_dir, name)
         if not tf.io.gfile.isdir(class_dir):
             continue
-        for file in sorted(tf.io.gfile.listdir(class_dir)):
-            if file.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(class_dir, file))
-                labels.append(label)
+        for file in _image_files(class_dir):
+            paths.append(os.path.join(class_dir, file))
+            labels.append(label)
     if not paths:
         raise DatasetNotFoundError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under "
-            f"{os.path.join(root, split, '<class name>')}/"
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the {len(found)} class folders of "
+            f"{split_dir}; lay images out as {os.path.join(split_dir, '<class>', '<image>.jpg')}"
         )
+    labels = np.asarray(labels, np.int32)
+    skipped: tuple[str, ...] = ()
+    if skip_bad_images:
+        bad = image_check.undecodable(paths, channels)
+        skipped = tuple(paths[i] for i in bad)
+        image_check.report_skipped(skipped, split_dir)
+        keep = np.setdiff1d(np.arange(len(paths)), bad)
+        paths, labels = [paths[i] for i in keep], labels[keep]
+        if not paths:
+            raise UserError(f"none of the {len(skipped)} images in {split_dir} can be decoded")
+    if is_train:
+        empty = [name for c, name in enumerate(classes) if not np.any(labels == c)]
+        if empty:
+            what = "decodable images" if skipped else "images"
+            raise UserError(
+                f"class folders without {what} in {split_dir}: {empty[:5]}"
+                f"{f' (and {len(empty) - 5} more)' if len(empty) > 5 else ''}; add images or "
+                "remove those folders (every class folder of the training split is a class)"
+            )
     return IndexedSource(
-        labels=np.asarray(labels, np.int32),
+        labels=labels,
         num_classes=len(classes),
         paths=paths,
-        description=f"image folder {os.path.join(root, split)}",
+        description=f"image folder {split_dir}",
+        class_names=classes,
+        skipped=skipped,
     )
 
 
@@ -185,6 +281,57 @@ class TfdsSource:
         )
 
 
+def prepare_tfds(name: str, *, data_dir: str | None = None, manual_dir: str | None = None):
+    """Builds TFDS dataset `name` into `data_dir` (ImageNet: from the tars in `manual_dir`).
+
+    Uses the Python API (`download_and_prepare`), not the `tfds build` command line, which
+    imports apache_beam even for datasets that do not need it."""
+    import tensorflow_datasets as tfds
+
+    builder = _builder(name, data_dir)
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+    try:
+        builder.download_and_prepare(download_config=download_config)
+    except ModuleNotFoundError as e:
+        raise UserError(
+            f"preparing TFDS {name!r} needs the Python package {e.name!r}, which is not "
+            f"installed: pip install {e.name}"
+        ) from None
+    except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
+        manual = manual_dir or os.path.join(
+            str(data_dir or _default_data_dir()), "downloads", "manual"
+        )
+        reason = " ".join(str(e).split()).split(". ")[0]
+        fix = (
+            f"; put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
+            f"https://image-net.org) in {manual} or point config.data.manual_dir at them"
+            if name.startswith("imagenet")
+            else ""
+        )
+        raise DatasetNotFoundError(
+            f"cannot prepare TFDS {name!r} into {builder.data_dir}: {reason}{fix}"
+        ) from None
+    return builder
+
+
+def _default_data_dir() -> str:
+    return os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+
+
+def _builder(name: str, data_dir: str | None):
+    import tensorflow_datasets as tfds
+
+    if not name:
+        raise UserError("config.data.name is empty: set it to a TFDS name, e.g. 'imagenet2012'")
+    try:
+        return tfds.builder(name, data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DatasetNotFoundError(
+            f"unknown TFDS dataset {name!r}: it is not registered with tensorflow-datasets "
+            f"{tfds.__version__} (see https://www.tensorflow.org/datasets/catalog)"
+        ) from e
+
+
 def tfds_source(
     name: str,
     split: str,
@@ -194,43 +341,46 @@ def tfds_source(
     prepare: bool = False,
     image_key: str = "image",
     label_key: str = "label",
+    field: str = "train_split",
 ) -> TfdsSource:
     """Opens a prepared TFDS split, or fails with one message saying where it looked and how to
     prepare it. With `prepare=True` a missing dataset is built first (from `manual_dir` for
     datasets such as imagenet2012 that cannot be downloaded automatically)."""
     import tensorflow_datasets as tfds
 
-    if not name:
-        raise ValueError("config.data.name is empty: set it to a TFDS name, e.g. 'imagenet2012'")
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise DatasetNotFoundError(
-            f"unknown TFDS dataset {name!r}: it is not registered with tensorflow-datasets "
-            f"{tfds.__version__} (see https://www.tensorflow.org/datasets/catalog)"
-        ) from e
-    if prepare:
-        download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-        builder.download_and_prepare(download_config=download_config)
+    data_dir, manual_dir = data_dir or None, manual_dir or None
+    builder = _builder(name, data_dir)
+    if prepare and not builder.is_prepared():
+        builder = prepare_tfds(name, data_dir=data_dir, manual_dir=manual_dir)
     try:
         probe = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
     except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
-        looked = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        looked = data_dir or _default_data_dir()
         manual = manual_dir or os.path.join(str(looked), "downloads", "manual")
         howto = (
             _IMAGENET_HOWTO.format(manual_dir=manual, data_dir=looked)
             if name.startswith("imagenet")
-            else f"Run `tfds build {name} --data_dir={looked}` or set --config.data.prepare=True."
+            else f"Rerun with --config.data.prepare=True (or `tfds build {name} "
+            f"--data_dir={looked}`)."
         )
         raise DatasetNotFoundError(
             f"TFDS dataset {name!r} split {split!r} is not prepared: looked in "
             f"{builder.data_dir} (config.data.data_dir={data_dir!r}). {howto}"
         ) from e
     except ValueError as e:  # unknown split name
-        raise ValueError(f"TFDS dataset {name!r}: {e}") from e
+        splits = sorted(builder.info.splits.keys()) if builder.info.splits else []
+        raise UserError(
+            f"TFDS dataset {name!r} has no split {split!r} (config.data.{field}); its splits "
+            f"are {splits}"
+        ) from e
     num_examples = int(probe.cardinality().numpy())
     if num_examples < 0:
         num_examples = int(builder.info.splits[split].num_examples)
+    if label_key not in builder.info.features or image_key not in builder.info.features:
+        raise UserError(
+            f"TFDS dataset {name!r} has features {sorted(builder.info.features.keys())}; set "
+            "config.data.image_key / config.data.label_key to its image and label features"
+        )
     return TfdsSource(
         builder=builder,
         split=split,

@@ -81,9 +81,13 @@ class Context:
     # -- model ---------------------------------------------------------------------------------
     @functools.cached_property
     def model_config(self) -> ViTConfig:
-        model_config = model_config_from(self.config)
+        config = self.config
+        if config.model.get("num_classes") == -1:  # 'from the data' (configs/folder.py)
+            config = config.copy_and_resolve_references()
+            config.model.num_classes = self._datasets.num_classes
+        model_config = model_config_from(config)
         data_classes = self.config.data.get("num_classes")
-        if data_classes and data_classes != model_config.num_classes:
+        if data_classes and data_classes > 0 and data_classes != model_config.num_classes:
             raise UserError(
                 f"config.model.num_classes={model_config.num_classes} but config.data has "
                 f"{data_classes} classes; set both to the same number"
@@ -133,18 +137,20 @@ class Context:
 
     # -- data ----------------------------------------------------------------------------------
     @functools.cached_property
-    def datasets(self):
+    def _datasets(self):
         from vitjax.data import make_datasets
 
-        try:
-            datasets = make_datasets(
-                self.config.data,
-                self.config.get("augment"),
-                global_batch_size=int(self.config.train.batch_size),
-                eval_batch_size=int(self.config.train.get("eval_batch_size", 256)),
-            )
-        except FileNotFoundError as e:
-            raise UserError(str(e)) from None
+        return make_datasets(
+            self.config.data,
+            self.config.get("augment"),
+            global_batch_size=int(self.config.train.batch_size),
+            eval_batch_size=int(self.config.train.get("eval_batch_size", 256)),
+        )
+
+    @property
+    def datasets(self):
+        """The train stream and evaluation sets of config.data (built once)."""
+        datasets = self._datasets
         if datasets.num_classes != self.model_config.num_classes:
             raise UserError(
                 f"{datasets.description} has {datasets.num_classes} classes but "
