@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from vitjax.data.config import deit_augment_config, imagenet_data_config
+from vitjax.search.config import default_search_config
 from vitjax.training.config import (
     default_distributed_config,
     default_mesh_config,
@@ -64,6 +65,9 @@ def deit_imagenet_config(
     # rescore=True: later stages select by the score stage's ranks instead of the supernet's.
     config.score = ml_collections.ConfigDict(dict(preset="authors_code", batch_size=256,
                                                   rescore=False))
+    # Sec. 4: population 100, 100 GP iterations on 50 hold-out images per class.
+    config.search = default_search_config()
+    config.search.baselines = ()  # e.g. ('random', 'authors'): Table 5 at the same budget
     config.prune = prune_config()
     # Sec. 4: the pruned model is finetuned "following the same training strategy".
     config.finetune = finetune_config()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from vitjax.stages import criteria, finetune, pretrain, prune, score
+from vitjax.stages import criteria, finetune, pretrain, prune, score, search
 from vitjax.stages.context import Context
 
 # The paper's pipeline (DESIGN.md); a name without an entry in STAGES is not built yet.
@@ -38,6 +38,8 @@ STAGES: dict[str, Stage] = {
         Stage("score", score.run, ("pretrain",), ("score",), "HSIC scores (Eq. 2)"),
         Stage("criteria", criteria.run, ("pretrain",), ("score", "seed"),
               "criteria comparison (Fig. 1)"),
+        Stage("search", search.run, ("pretrain",), ("search",),
+              "GP + EI + SQP policy search (Sec. 3.3)"),
         Stage("prune", prune.run, ("pretrain", "search"), ("prune",),
               "physically smaller model (Alg. 1 line 12)"),
         Stage("finetune", finetune.run, ("prune",), ("finetune",),
