@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from vitjax.stages import criteria, finetune, pretrain, prune, score, search
+from vitjax.stages import criteria, finetune, pretrain, prune, report, score, search
 from vitjax.stages.context import Context
 
 # The paper's pipeline (DESIGN.md); a name without an entry in STAGES is not built yet.
@@ -44,6 +44,8 @@ STAGES: dict[str, Stage] = {
               "physically smaller model (Alg. 1 line 12)"),
         Stage("finetune", finetune.run, ("prune",), ("finetune",),
               "finetuning the pruned model (Alg. 1 line 13)"),
+        Stage("report", report.run, ("pretrain", "criteria", "search", "prune", "finetune"), (),
+              "report.md with the paper's tables"),
     )
 }
 
