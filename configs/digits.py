@@ -9,7 +9,7 @@ pruning criteria are compared (the paper's Fig. 1). See BUILD_NOTES.md for what 
 
 import ml_collections
 
-from vitjax.configs import finetune_config, prune_config
+from vitjax.configs import export_config, finetune_config, prune_config
 from vitjax.data.config import digits_data_config, light_augment_config
 from vitjax.search.config import default_search_config
 from vitjax.training.config import (
@@ -82,4 +82,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.prune = prune_config()
     config.finetune = finetune_config(steps=200, lr=5e-4, warmup_steps=20, eval_every=0,
                                       ckpt_every=100)
+    config.export = export_config()
     return config

@@ -31,6 +31,16 @@ def finetune_config(**train_overrides) -> ml_collections.ConfigDict:
     ))
 
 
+def export_config() -> ml_collections.ConfigDict:
+    """`config.export`: which deployable artifacts the export stage writes."""
+    return ml_collections.ConfigDict(dict(
+        # 'auto': jax.export always, ONNX and TFLite when the 'export' extra is installed; or a
+        # list like 'jax,onnx' (a format whose extra is missing is then an error).
+        formats="auto",
+        strict=True,  # fail when an artifact's logits differ from the JAX model's
+    ))
+
+
 def deit_imagenet_config(
     variant: str, *, distilled: bool = False, target_flops_fraction: float = 0.6
 ) -> ml_collections.ConfigDict:
@@ -71,4 +81,5 @@ def deit_imagenet_config(
     config.prune = prune_config()
     # Sec. 4: the pruned model is finetuned "following the same training strategy".
     config.finetune = finetune_config()
+    config.export = export_config()
     return config

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from vitjax.stages import criteria, finetune, pretrain, prune, report, score, search
+from vitjax.stages import criteria, export, finetune, pretrain, prune, report, score, search
 from vitjax.stages.context import Context
 
 # The paper's pipeline (DESIGN.md); a name without an entry in STAGES is not built yet.
@@ -44,7 +44,10 @@ STAGES: dict[str, Stage] = {
               "physically smaller model (Alg. 1 line 12)"),
         Stage("finetune", finetune.run, ("prune",), ("finetune",),
               "finetuning the pruned model (Alg. 1 line 13)"),
-        Stage("report", report.run, ("pretrain", "criteria", "search", "prune", "finetune"), (),
+        Stage("export", export.run, ("prune", "finetune"), ("export",),
+              "jax.export / ONNX / TFLite artifacts, verified"),
+        Stage("report", report.run,
+              ("pretrain", "criteria", "search", "prune", "finetune", "export"), (),
               "report.md with the paper's tables"),
     )
 }

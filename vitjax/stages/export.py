@@ -1,0 +1,71 @@
+"""Stage `export`: the finetuned (else the pruned) model as deployable artifacts, each verified
+against the JAX model's logits on hold-out images: `jax.export` (any batch, needs only jax),
+ONNX (onnxruntime) and TFLite (LiteRT) -> export/. The weights themselves are in vitjax's format
+in prune/ and finetune/ (`python -m vitjax.convert` writes a dense model back to timm).
+
+`config.export.formats`: 'auto' (jax, plus onnx and tflite when the 'export' extra is
+installed) or a comma-separated list; asking for a format whose extra is missing is an error
+naming the extra.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from vitjax.errors import UserError
+from vitjax.stages.context import Context, local_copy
+
+_EXTRA_MODULES = {"onnx": ("jax2onnx", "onnxruntime"), "tflite": ("ai_edge_litert",)}
+
+
+def installed(fmt: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in _EXTRA_MODULES.get(fmt, ()))
+
+
+def chosen_formats(ctx: Context) -> list[str]:
+    from vitjax.export import FORMATS
+
+    spec = str(ctx.config.get("export", {}).get("formats", "auto") or "auto")
+    if spec == "auto":
+        formats = [f for f in FORMATS if installed(f)]
+        skipped = [f for f in FORMATS if f not in formats]
+        if skipped:
+            print(f"[vitjax] export: {', '.join(skipped)} skipped (pip install -e "
+                  "'.[export]' adds them)", flush=True)
+        return formats
+    formats = [f.strip() for f in spec.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise UserError(f"config.export.formats: unknown {unknown}; choose from "
+                        f"{', '.join(FORMATS)} or 'auto'")
+    for fmt in formats:
+        if not installed(fmt):
+            raise UserError(f"{fmt} export needs the 'export' extra: pip install -e "
+                            "'.[export]' (or drop it from config.export.formats)")
+    return formats
+
+
+def run(ctx: Context) -> dict:
+    from vitjax.export import export_all
+    from vitjax.interop import load_native
+    from vitjax.stages.finetune import FINETUNED_FILE
+    from vitjax.stages.prune import PRUNED_FILE
+
+    formats = chosen_formats(ctx)
+    source = ctx.workdir / "finetune" / FINETUNED_FILE
+    if not (ctx.done_file("finetune").exists() and source.exists()):
+        ctx.summary("prune")
+        source = ctx.workdir / "prune" / PRUNED_FILE
+    with local_copy(source) as local:
+        config, params = load_native(local)
+    split = "holdout" if "holdout" in ctx.datasets.eval_names else "test"
+    batch = next(iter(ctx.eval_batches(split)()))
+    images = batch["image"][: max(int(batch["mask"].sum()), 1)]
+    out = ctx.stage_dir("export")
+    summary = export_all(ctx.model(config), params, out, formats, images,
+                         strict=bool(ctx.config.get("export", {}).get("strict", True)))
+    for fmt, result in summary["formats"].items():
+        diffs = ", ".join(f"batch {b}: {d:.1e}" for b, d in result["max_abs_diff"].items())
+        print(f"[vitjax] export: {fmt} {sorted(result['files'])} max |logit diff| {diffs}",
+              flush=True)
+    return {**summary, "source": str(source)}
