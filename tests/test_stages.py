@@ -119,3 +119,84 @@ def test_init_checkpoint_of_another_architecture_names_the_fields(tmp_path):
     config.stages = "pretrain"
     with pytest.raises(UserError, match=r"mlp_dim=48 \(config.model: 32\)"):
         runner.run_pipeline(config, tmp_path / "run")
+
+
+def test_every_stage_end_to_end_and_the_report_reads_the_stage_outputs(tmp_path):
+    config = tiny_digits()
+    config.stages = "pretrain,score,search,prune,finetune,export,report"
+    config.search.update(population=3, iterations=2, restarts=1, baselines=("random",))
+    config.finetune.update(steps=2, warmup_steps=1, ckpt_every=2)
+    config.export.formats = "jax"
+    runner.run_pipeline(config, tmp_path)
+    search = read_json(tmp_path / "search" / "DONE.json")
+    assert search["evaluations"] == 5 and set(search["methods"]) == {"gp", "random"}
+    assert search["best_gmacs"] <= search["target_gmacs"]
+    log = (tmp_path / "search" / "log.jsonl").read_text().splitlines()
+    assert sum('"type": "eval"' in line for line in log) == 5
+    prune = read_json(tmp_path / "prune" / "DONE.json")
+    assert prune["policy"] == search["best_policy"] and prune["policy_source"] == "search stage"
+    assert prune["max_logit_diff_vs_masked"] < 1e-4
+    finetune = read_json(tmp_path / "finetune" / "DONE.json")
+    export = read_json(tmp_path / "export" / "DONE.json")
+    assert export["formats"]["jax"]["ok"] and export["source"].endswith("finetuned.safetensors")
+    report = (tmp_path / "report" / "report.md").read_text()
+    # The report's numbers are the stage outputs' numbers.
+    assert f"| pruned, no finetuning | {100 * prune['accuracy_before_finetune']['test']:.1f} |" \
+        in report
+    assert f"| pruned + finetuned | {100 * finetune['accuracy']['test']:.1f} |" in report
+    assert f"| gp | {search['methods']['gp']['best_value']:.4f} |" in report
+    assert f"{prune['pruned_gmacs']:.4g}" in report
+    summary = read_json(tmp_path / "report" / "DONE.json")
+    assert summary["rows"][1]["gmacs"] == prune["pruned_gmacs"]
+
+
+def test_a_killed_search_resumes_without_reevaluating(tmp_path, monkeypatch):
+    from vitjax.stages import search as search_stage
+
+    config = tiny_digits()
+    config.stages = "pretrain,search"
+    config.search.update(population=3, iterations=2, restarts=1, baselines=())
+    calls = []
+    original = search_stage.make_objective
+
+    def counting(ctx, params, ranks, **kw):
+        objective = original(ctx, params, ranks, **kw)
+
+        def wrapped(policies):
+            if len(calls) == 4:
+                raise KeyboardInterrupt  # killed during the 5th evaluation
+            calls.extend(policies)
+            return objective(policies)
+        return wrapped
+
+    monkeypatch.setattr(search_stage, "make_objective", counting)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_pipeline(config, tmp_path)
+    assert not (tmp_path / "search" / "DONE.json").exists()
+    monkeypatch.setattr(search_stage, "make_objective", original)
+    resumed_calls = []
+
+    def counting_resumed(ctx, params, ranks, **kw):
+        objective = original(ctx, params, ranks, **kw)
+
+        def wrapped(policies):
+            resumed_calls.extend(policies)
+            return objective(policies)
+        return wrapped
+
+    monkeypatch.setattr(search_stage, "make_objective", counting_resumed)
+    runner.run_pipeline(config, tmp_path)
+    assert len(resumed_calls) == 1  # only the evaluation the kill interrupted
+    resumed = read_json(tmp_path / "search" / "DONE.json")
+    fresh = tiny_digits()
+    fresh.stages = "pretrain,search"
+    fresh.search.update(population=3, iterations=2, restarts=1, baselines=())
+    monkeypatch.setattr(search_stage, "make_objective", original)
+    import shutil
+
+    shutil.copytree(tmp_path / "pretrain", tmp_path / "fresh" / "pretrain")
+    shutil.copy(tmp_path / "config.json", tmp_path / "fresh" / "config.json")
+    runner.run_pipeline(fresh, tmp_path / "fresh")
+    uninterrupted = read_json(tmp_path / "fresh" / "search" / "DONE.json")
+    assert resumed["best_policy"] == uninterrupted["best_policy"]
+    assert resumed["best_value"] == uninterrupted["best_value"]
