@@ -2,9 +2,12 @@
 
     python -m vitjax.main --config=configs/digits.py --workdir=runs/digits
 
-Runs offline on two CPU cores in minutes: a small ViT (32x32 inputs, 4x4 patches, 65 tokens)
-is pretrained as a supernet over policies at 60% of its dense FLOPs, scored with HSIC, and the
-pruning criteria are compared (the paper's Fig. 1). See BUILD_NOTES.md for what it reaches.
+Runs offline on two CPU cores in about ten minutes: a small ViT (32x32 inputs, 4x4 patches, 65
+tokens) is pretrained as a supernet over policies at 60% of its dense FLOPs, scored with HSIC,
+the pruning criteria are compared (Fig. 1), the policy at 60% of the FLOPs is searched (GP +
+EI + SQP, with random search and the authors' method at the same budget), cut out, finetuned,
+exported and reported in runs/digits/report/report.md. Expect about 96% test accuracy dense
+and 95-96% for the pruned model (BUILD_NOTES.md has the measured numbers).
 """
 
 import ml_collections
@@ -22,7 +25,7 @@ from vitjax.training.config import (
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     config = ml_collections.ConfigDict()
-    config.stages = "pretrain,score,criteria"
+    config.stages = "pretrain,score,criteria,search,prune,finetune,export,report"
     config.seed = 0
     # Results of finished stages are reused on a rerun; with another config that would change
     # them the run stops, unless overwrite=True, which redoes the stages whose config changed.

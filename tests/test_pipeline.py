@@ -49,7 +49,7 @@ def test_main_runs_the_stages_and_skips_finished_ones(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config.stages=search"], "not implemented in this version"),
+        (["--config.stages=prune"], "needs a policy: run the search stage first"),
         (["--config.stages=bogus"], "unknown stage"),
         (["--config.stages=score"], "run the pretrain stage first"),
         (["--config.model.image_size=48"], "config.data.image_size"),

@@ -13,6 +13,19 @@ from vitjax.training.config import (
 )
 
 
+def parse_arg(arg: str | None) -> dict:
+    """'distilled,flops=0.4' (a config file's argument) -> deit_imagenet_config keywords."""
+    out: dict = {}
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        if item == "distilled":
+            out["distilled"] = True
+        elif item.startswith("flops="):
+            out["target_flops_fraction"] = float(item.split("=", 1)[1])
+        else:
+            raise ValueError(f"config argument {item!r}: expected 'distilled' or 'flops=F'")
+    return out
+
+
 def prune_config(round_to: int = 0) -> ml_collections.ConfigDict:
     """`config.prune`: which policy to cut, and optional hardware-friendly rounding."""
     return ml_collections.ConfigDict(dict(
@@ -50,7 +63,7 @@ def deit_imagenet_config(
     the dense model (0.6 is the paper's "40% reduction").
     """
     config = ml_collections.ConfigDict()
-    config.stages = "pretrain,score,criteria"
+    config.stages = "pretrain,score,criteria,search,prune,finetune,export,report"
     config.seed = 0
     # Results of finished stages are reused on a rerun; with another config that would change
     # them the run stops, unless overwrite=True, which redoes the stages whose config changed.
