@@ -228,6 +228,33 @@ def test_u_t_sampling_in_the_space_meets_the_target_like_sample_policy():
         space.sample(DEIT_S, np.random.default_rng(0), 1, target_gmacs=0.05)  # < patch embed
 
 
+@pytest.mark.parametrize("space", [SearchSpace.paper(12), SearchSpace.authors_code(12)],
+                         ids=["paper", "authors"])
+def test_canonical_form_keeps_the_model_and_step_down_removes_units(space):
+    u = space.sample(DEIT_S, np.random.default_rng(3), 20, target_gmacs=TARGET)
+    canonical = space.canonical(DEIT_S, u)
+    assert np.all(canonical <= u + 1e-12)
+    np.testing.assert_array_equal(space.canonical(DEIT_S, canonical), canonical)
+    for raw, snapped in zip(u, canonical, strict=True):
+        a, b = (space.to_policy(p).keep_counts(DEIT_S) for p in (raw, snapped))
+        for name in ("neuron", "head", "token"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    point = canonical[0]
+    available = space.units_to_bound(DEIT_S, point)
+    stepped = space.step_down(DEIT_S, point, np.ones(space.dim, np.int64))
+    before = space.to_policy(point).keep_counts(DEIT_S)
+    for c in np.flatnonzero(available > 0)[:6]:
+        after = space.to_policy(stepped[c]).keep_counts(DEIT_S)
+        dim, layer = space.coordinate_names[c].split("[")
+        first = int(layer[:-1]) if layer[:-1] != "*" else space.token_layers[0]
+        kept = getattr(before, dim)[first] - getattr(after, dim)[first]
+        assert kept == 1  # exactly one neuron / head / token fewer where c starts
+    assert np.all(space.gmacs(DEIT_S, stepped) <= space.gmacs(DEIT_S, point) + 1e-12)
+    at_bound = space.step_down(DEIT_S, point, available)
+    for c in np.flatnonzero(available > 0)[:6]:
+        assert space.units_to_bound(DEIT_S, at_bound[c])[c] == 0  # now at max_ratio
+
+
 # ------------------------------------------------------------------------------ SQP
 def _fitted(problem, count=24, seed=0):
     objective = SyntheticObjective(problem.config, seed)
