@@ -28,6 +28,7 @@ _WORKER = textwrap.dedent(
     import ml_collections
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
+    from vitjax.evaluate import array_batches
     from vitjax.models import ViT, ViTConfig
     from vitjax.training import ArrayBatches, default_mesh_config, default_train_config, train
 
@@ -45,8 +46,10 @@ _WORKER = textwrap.dedent(
     mesh = make_mesh(config.mesh)
     rows = local_batch_slice(mesh, 16)
     batches = ArrayBatches(images, labels, 16, seed=0, rows=rows)
+    eval_rows = local_batch_slice(mesh, 32)  # this process's rows of every eval batch
     result = train(config, workdir, model=ViT(model), train_batches=batches,
-                   eval_sets={"test": (images, labels)}, mesh=mesh)
+                   eval_sets={"test": lambda: array_batches(images, labels, 32, rows=eval_rows)},
+                   mesh=mesh)
     checksum = jax.jit(
         lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)),
         out_shardings=NamedSharding(mesh, PartitionSpec()),

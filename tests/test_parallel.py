@@ -110,7 +110,7 @@ def test_data_and_model_parallel_training_match_one_device():
             # turns its rounding noise into +-lr steps, so it is compared loosely.
             atol = 1e-2 if "['qkv']['bias']" in jax.tree_util.keystr(path) else 2e-5
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=str(path))
-        assert trainer.trace_counts["train_step"] == 1
+        assert trainer.train_step._cache_size() == 1
     # The parameters really are sharded under data + model (+ FSDP) parallelism.
     qkv = trainer.state_shardings.params["blocks_0"]["attn"]["qkv"]["kernel"]
     assert qkv.spec == P("data", None, "model")
