@@ -2,7 +2,7 @@
 
     python -m vitjax.main --config=configs/digits.py --workdir=runs/digits
 
-Runs offline on two CPU cores in about ten minutes: a small ViT (32x32 inputs, 4x4 patches, 65
+Runs offline on two CPU cores in about 13 minutes: a small ViT (32x32 inputs, 4x4 patches, 65
 tokens) is pretrained as a supernet over policies at 60% of its dense FLOPs, scored with HSIC,
 the pruning criteria are compared (Fig. 1), the policy at 60% of the FLOPs is searched (GP +
 EI + SQP, with random search and the authors' method at the same budget), cut out, finetuned,
