@@ -39,17 +39,6 @@ TIMM_NAMES = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224"}
 SCRIPT = os.path.abspath(__file__)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def timm_missing() -> str | None:
     missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
     if missing:
@@ -189,7 +178,8 @@ def main(argv=None) -> int:
 
     cores = timing.available_cores()
     skip = "timm comparison skipped (--no-timm)" if args.no_timm else timm_missing()
-    print(f"CPU: {cpu_model()}, {cores} cores available; python {platform.python_version()}; "
+    print(f"CPU: {timing.cpu_model()}, {cores} cores available; "
+          f"python {platform.python_version()}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {timing.load_average()} (before)")
     if skip:
         print(skip)

@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     if unknown := sorted(set(models) - {"S", "B"}):
         parser.error(f"unknown models {unknown}; choose from S, B")
 
-    print(f"CPU: {cpu_model()}, {timing.available_cores()} cores; python "
+    print(f"CPU: {timing.cpu_model()}, {timing.available_cores()} cores; python "
           f"{platform.python_version()}; {timing.load_average()} (before)")
     print(f"{args.reps} alternating rounds of {args.seconds} s per contender; onnxruntime/LiteRT "
           f"threads {args.threads}; float32, 224px, 1000 classes; policy shape {args.shape!r}\n")
@@ -339,17 +339,6 @@ def main(argv=None) -> int:
           "images per second, measured in alternating separate processes. quotient: speedup / "
           "FLOPs x (1.0 = the FLOPs reduction fully became time).")
     return 0
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,18 @@ class Worker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def cpu_model() -> str:
+    """The processor's model name, for benchmark headers."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _send(kind: str, **fields) -> None:
