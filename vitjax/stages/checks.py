@@ -71,10 +71,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                  "the dense model in (0, 1), e.g. 0.6 for the paper's 40% reduction")
 
 
-def check_target(model_config, target_gmacs: float | None, dense_gmacs: float,
-                 token_mode: str) -> None:
+def check_target(model_config, target_gmacs: float | None, dense_gmacs: float) -> None:
     """The FLOPs budget must lie between the smallest model the supernet samples and dense."""
-    del token_mode
     if target_gmacs is None:
         return
     from vitjax.pruning import Policy, count_flops

@@ -45,7 +45,6 @@ def _pct(value) -> str:
 
 def run(ctx: Context) -> dict:
     from vitjax.interop import load_native
-    from vitjax.pruning import count_flops
     from vitjax.stages.prune import PRUNED_FILE, parameter_count
 
     out = ctx.stage_dir("report")
@@ -64,7 +63,7 @@ def run(ctx: Context) -> dict:
     test = "test" if "test" in ctx.datasets.eval_names else "holdout"
     supernet = jax.device_get(ctx.load_supernet())
     dense_params = parameter_count(supernet)
-    dense_gmacs = count_flops(ctx.model_config).total
+    dense_gmacs = ctx.dense_gmacs
     speed = {}
     if done["pretrain"]:
         acc = done["pretrain"]["metrics"].get(f"eval/{test}/dense/accuracy")
