@@ -12,7 +12,15 @@ and 95-96% for the pruned model (BUILD_NOTES.md has the measured numbers).
 
 import ml_collections
 
-from vitjax.configs import export_config, finetune_config, prune_config
+from vitjax.configs import (
+    ablation_config,
+    compare_config,
+    expand_model_config,
+    export_config,
+    finetune_config,
+    parse_arg,
+    prune_config,
+)
 from vitjax.data.config import digits_data_config, light_augment_config
 from vitjax.search.config import default_search_config
 from vitjax.training.config import (
@@ -23,16 +31,19 @@ from vitjax.training.config import (
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    """arg: comma-separated 'flops=F' (the FLOPs budget as a fraction of dense, default 0.6),
+    'expand=W' (expand-then-compress: a W times wider model compressed to this model's FLOPs,
+    compared with the run in runs/digits), 'distilled'."""
+    options = parse_arg(arg)
     config = ml_collections.ConfigDict()
-    config.stages = "pretrain,score,criteria,search,prune,finetune,export,report"
+    config.stages = "pretrain,score,criteria,search,ablation,prune,finetune,export,compare,report"
     config.seed = 0
     # Results of finished stages are reused on a rerun; with another config that would change
     # them the run stops, unless overwrite=True, which redoes the stages whose config changed.
     config.overwrite = False
     # The FLOPs budget T as a fraction of the dense model (0.6: the paper's "40% reduction").
     # Sets config.train.target_gmacs unless that is given explicitly.
-    config.target_flops_fraction = 0.6
+    config.target_flops_fraction = options.get("target_flops_fraction", 0.6)
 
     config.model = ml_collections.ConfigDict(dict(
         variant="",  # e.g. 'S/16'; empty: the fields below
@@ -43,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         depth=4,
         num_heads=4,
         mlp_dim=384,
-        distilled=False,
+        distilled=options.get("distilled", False),
         dtype="float32",  # compute dtype; 'bfloat16' on accelerators
         remat=False,  # recompute block activations in the backward pass (saves memory)
     ))
@@ -82,8 +93,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          # The loss breaks ties between sub-networks of equal accuracy.
                          objective="accuracy_minus_loss", loss_weight=0.05)
     config.search.baselines = ("random", "authors")
+    # Table 3 left and Fig. 2 on the supernet: small searches, equal budget for each.
+    config.ablation = ablation_config(population=6, iterations=6)
     config.prune = prune_config()
     config.finetune = finetune_config(steps=200, lr=5e-4, warmup_steps=20, eval_every=0,
                                       ckpt_every=100)
     config.export = export_config()
+    # The second paper's systems at the pruned model's FLOPs: off by default (about 4 more
+    # minutes); `configs/digits.py:compare` turns them on.
+    config.compare = compare_config(*(("dynamicvit", "block", "block+token")
+                                      if options.get("compare") else ()))
+    if "expand" in options:
+        expand_model_config(config, options["expand"], baseline_workdir="runs/digits")
     return config

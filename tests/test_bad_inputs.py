@@ -113,7 +113,7 @@ def test_finished_results_are_never_silently_reused_with_another_config(tmp_path
     relogged.stages = "pretrain"
     relogged.train.log_every = 1
     runner.run_pipeline(relogged, tmp_path)
-    assert "pretrain: done earlier with this config, skipped" in capsys.readouterr().out
+    assert "pretrain (1/1): done earlier with this config, skipped" in capsys.readouterr().out
 
     # overwrite=True redoes the stage with the new config.
     changed.stages = "pretrain"

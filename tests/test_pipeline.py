@@ -42,8 +42,8 @@ def test_main_runs_the_stages_and_skips_finished_ones(tmp_path):
 
     again = _main(tmp_path, "--config.stages=pretrain,score")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "pretrain: done earlier with this config, skipped" in again.stdout
-    assert "score: done earlier with this config, skipped" in again.stdout
+    assert "pretrain (1/2): done earlier with this config, skipped" in again.stdout
+    assert "score (2/2): done earlier with this config, skipped" in again.stdout
 
 
 @pytest.mark.parametrize(
@@ -70,5 +70,5 @@ def test_two_processes_run_the_pipeline_through_the_local_launcher(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     for process in ("[p0]", "[p1]"):
-        assert f"{process} [vitjax] score: finished" in result.stdout + result.stderr
+        assert f"{process} [vitjax] score (2/2): finished" in result.stdout + result.stderr
     assert (tmp_path / "score" / "DONE.json").exists()

@@ -123,8 +123,11 @@ def test_init_checkpoint_of_another_architecture_names_the_fields(tmp_path):
 
 def test_every_stage_end_to_end_and_the_report_reads_the_stage_outputs(tmp_path):
     config = tiny_digits()
-    config.stages = "pretrain,score,search,prune,finetune,export,report"
+    config.stages = "pretrain,score,search,ablation,prune,finetune,export,report"
     config.search.update(population=3, iterations=2, restarts=1, baselines=("random",))
+    # Neuron pruning alone cannot remove 40% of this model's FLOPs (its FFN is narrow).
+    config.ablation.update(dimensions=("neuron", "head+neuron+token"), budgets=(0.5,),
+                           population=2, iterations=1)
     config.finetune.update(steps=2, warmup_steps=1, ckpt_every=2)
     config.export.formats = "jax"
     runner.run_pipeline(config, tmp_path)
@@ -148,6 +151,16 @@ def test_every_stage_end_to_end_and_the_report_reads_the_stage_outputs(tmp_path)
     assert f"{prune['pruned_gmacs']:.4g}" in report
     summary = read_json(tmp_path / "report" / "DONE.json")
     assert summary["rows"][1]["gmacs"] == prune["pruned_gmacs"]
+    ablation = read_json(tmp_path / "ablation" / "DONE.json")
+    assert not ablation["dimensions"]["neuron"]["reachable"]
+    assert "| ✓ | – | – | cannot reach the budget |" in report
+    full = ablation["dimensions"]["head+neuron+token"]
+    assert full["evaluations"] == 3 and full["best_gmacs"] <= ablation["target_gmacs"]
+    assert f"| ✓ | ✓ | ✓ | {100 * full['accuracy']:.1f} | {full['best_gmacs']:.4g} |" in report
+    front = ablation["front"][0]
+    assert front["best_gmacs"] <= 0.5 * ablation["dense_gmacs"] + 1e-9
+    assert f"| sub-network at 50% budget | {front['best_gmacs']:.4g} |" in report
+    assert (tmp_path / "report" / "pareto.png").stat().st_size > 0
 
 
 def test_a_killed_search_resumes_without_reevaluating(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from vitjax.data.config import deit_augment_config, imagenet_data_config
@@ -12,18 +14,66 @@ from vitjax.training.config import (
     deit_train_config,
 )
 
+# Table 3 left, in the paper's order (head pruning alone cannot reach 40% fewer FLOPs).
+ABLATION_COMBINATIONS = ("neuron", "token", "head+neuron", "neuron+token", "head+token",
+                         "head+neuron+token")
+
 
 def parse_arg(arg: str | None) -> dict:
     """'distilled,flops=0.4' (a config file's argument) -> deit_imagenet_config keywords."""
     out: dict = {}
     for item in filter(None, (part.strip() for part in (arg or "").split(","))):
-        if item == "distilled":
-            out["distilled"] = True
+        if item in ("distilled", "compare"):
+            out[item] = True
         elif item.startswith("flops="):
             out["target_flops_fraction"] = float(item.split("=", 1)[1])
+        elif item.startswith("expand="):
+            out["expand"] = float(item.split("=", 1)[1])
         else:
-            raise ValueError(f"config argument {item!r}: expected 'distilled' or 'flops=F'")
+            raise ValueError(f"config argument {item!r}: expected 'distilled', 'compare', "
+                             "'flops=F' or 'expand=W'")
     return out
+
+
+def model_config_from(config: ml_collections.ConfigDict):
+    """`config.model` -> ViTConfig: either `variant='S/16'` plus overrides, or every field."""
+    from vitjax.errors import UserError
+    from vitjax.models.config import ViTConfig
+
+    fields = dict(config.model.to_dict())
+    for key in ("variant", "drop_path_rate", "dtype", "remat"):
+        fields.pop(key, None)
+    try:
+        if config.model.get("variant"):
+            return ViTConfig.from_variant(config.model.variant, **fields)
+        return ViTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config.model is invalid: {e}") from None
+
+
+def expand_model_config(config: ml_collections.ConfigDict, width: float,
+                        baseline_workdir: str = "") -> ml_collections.ConfigDict:
+    """Expand-then-compress (Sec. 4.3, Table 2): widen config.model by `width` (embedding, heads
+    at the same head size, FFN) and set the FLOPs budget to the original model's dense GMACs, so
+    the pipeline compresses the wide model back to the small one's cost. `baseline_workdir`: a
+    finished run of the small model, compared with in the report. Mutates and returns config."""
+    from vitjax.pruning import count_flops
+
+    if width <= 1.0:
+        raise ValueError(f"expand={width}: the width factor must be > 1 (e.g. 2)")
+    small = model_config_from(config)
+    heads = round(small.num_heads * width)
+    wide = dataclasses.replace(small, embed_dim=heads * small.dim_per_head, num_heads=heads,
+                               mlp_dim=round(small.mlp_dim * width / 8) * 8)
+    config.model.variant = ""
+    for key in ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "image_size",
+                "num_classes", "distilled"):
+        config.model[key] = getattr(wide, key)
+    dense = count_flops(wide).total
+    config.target_flops_fraction = count_flops(small).total / dense
+    config.expand = ml_collections.ConfigDict(dict(width=float(width),
+                                                   baseline_workdir=baseline_workdir))
+    return config
 
 
 def prune_config(round_to: int = 0) -> ml_collections.ConfigDict:
@@ -31,6 +81,39 @@ def prune_config(round_to: int = 0) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         policy="",  # a policy JSON file; empty: the search stage's best policy
         round_to=round_to,  # round kept neurons/tokens to multiples of this (0: off)
+    ))
+
+
+def ablation_config(population: int = 20, iterations: int = 20) -> ml_collections.ConfigDict:
+    """`config.ablation`: the dimension ablation at the search's FLOPs budget (Table 3 left) and
+    the accuracy-vs-FLOPs front over budgets (Fig. 2); each is a small search on the supernet
+    with `population` + `iterations` evaluations (other search settings from config.search)."""
+    return ml_collections.ConfigDict(dict(
+        dimensions=ABLATION_COMBINATIONS,  # '+'-joined dimensions searched together; () skips
+        budgets=(0.4, 0.5, 0.7, 0.8),  # fractions of the dense FLOPs for the front; () skips
+        population=population,
+        iterations=iterations,
+    ))
+
+
+def compare_config(*methods: str, steps: int | None = None) -> ml_collections.ConfigDict:
+    """`config.compare`: the second paper's systems at the pruned model's FLOPs (stage
+    `compare`); no methods: the stage skips itself."""
+    return ml_collections.ConfigDict(dict(
+        methods=tuple(methods),  # of 'dynamicvit', 'block', 'block+token'
+        # Training steps of each method (the finetuning recipe otherwise); block+token trains
+        # twice (block pruning, then DynamicViT on the sliced model).
+        steps=ml_collections.config_dict.placeholder(int) if steps is None else steps,
+        # DynamicViT: predictors before these blocks (None: depth/4, depth/2, 3 depth/4, the
+        # original's 3, 6, 9 for 12 blocks) and the keep schedule, 'original' (rho, rho^2,
+        # rho^3) or 'base' (b, b-0.2, b-0.4); its rate is solved for the FLOPs target.
+        locations=ml_collections.config_dict.placeholder(tuple),
+        schedule="original",
+        ratio_weight=2.0, distill_weight=0.5, token_distill_weight=0.5,  # the original's
+        # Block pruning: vitjax.blockprune.MovementConfig fields ('soft' movement pruning).
+        movement=ml_collections.ConfigDict(dict(mode="soft", neuron_block=1, threshold=0.1,
+                                                reg_weight=1.0, score_lr_scale=100.0)),
+        block_share=0.5,  # block+token: the part of the FLOPs cut taken by block pruning
     ))
 
 
@@ -55,15 +138,19 @@ def export_config() -> ml_collections.ConfigDict:
 
 
 def deit_imagenet_config(
-    variant: str, *, distilled: bool = False, target_flops_fraction: float = 0.6
+    variant: str, *, distilled: bool = False, target_flops_fraction: float = 0.6,
+    expand: float = 1.0, compare: bool = False,
 ) -> ml_collections.ConfigDict:
     """DeiT-{Ti,S,B}/16 on ImageNet-1k with the paper's Table 7 recipe (300 epochs, batch 1024).
 
     `target_flops_fraction`: the FLOPs budget T of the supernet and the search as a fraction of
-    the dense model (0.6 is the paper's "40% reduction").
+    the dense model (0.6 is the paper's "40% reduction"). `expand` > 1: expand-then-compress
+    (Table 2), the model `expand` times wider compressed to this variant's dense FLOPs.
+    `compare`: also train DynamicViT, block pruning and block + token at the pruned model's
+    FLOPs (the `compare` stage).
     """
     config = ml_collections.ConfigDict()
-    config.stages = "pretrain,score,criteria,search,prune,finetune,export,report"
+    config.stages = "pretrain,score,criteria,search,ablation,prune,finetune,export,compare,report"
     config.seed = 0
     # Results of finished stages are reused on a rerun; with another config that would change
     # them the run stops, unless overwrite=True, which redoes the stages whose config changed.
@@ -91,8 +178,12 @@ def deit_imagenet_config(
     # Sec. 4: population 100, 100 GP iterations on 50 hold-out images per class.
     config.search = default_search_config()
     config.search.baselines = ()  # e.g. ('random', 'authors'): Table 5 at the same budget
+    config.ablation = ablation_config()
+    config.compare = compare_config(*(("dynamicvit", "block", "block+token") if compare else ()))
     config.prune = prune_config()
     # Sec. 4: the pruned model is finetuned "following the same training strategy".
     config.finetune = finetune_config()
     config.export = export_config()
+    if expand != 1.0:
+        expand_model_config(config, expand)
     return config

@@ -46,7 +46,12 @@ def main(argv):
     if not workdir:
         raise app.UsageError("--workdir is required (or set config.workdir)")
     try:
-        run_pipeline(config, workdir)
+        if config.get("study") is not None:
+            from vitjax.study import run_study
+
+            run_study(config, workdir)
+        else:
+            run_pipeline(config, workdir)
     except (UserError, CheckpointError, FloatingPointError) as e:
         _fail(_one_line(e))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Iterable
 
 import jax
@@ -59,6 +60,7 @@ def run_criteria_sweep(
     model: ViT, params, score_images, eval_batches: Callable[[], Iterable[dict]], mesh,
     out_dir=None, *, ratios=RATIOS, score_config: ScoreConfig | None = None,
     extra_hsic: dict | None = None, seed: int = 0, file_stem: str = "fig1",
+    progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Accuracy of every (dimension, criterion, ratio); writes the table/plot into out_dir.
 
@@ -66,7 +68,8 @@ def run_criteria_sweep(
     (`Datasets.eval_batches`, `vitjax.evaluate.array_batches`); mesh: where they are sharded.
     extra_hsic: {'label': ScoreConfig} adds HSIC variants (e.g. other bandwidths) as criteria.
     Writes {file_stem}.md/.csv/.json/.png (out_dir: local or gs://; None writes nothing).
-    Returns rows {'dimension', 'criterion', 'ratio', 'accuracy'}.
+    Returns rows {'dimension', 'criterion', 'ratio', 'accuracy'}. progress: called with a
+    line after each (dimension, criterion) curve.
     """
     config = model.config
     score_config = score_config or ScoreConfig()
@@ -88,6 +91,8 @@ def run_criteria_sweep(
         return masks_from_ranks(config, ranks, KeepCounts(neuron, head, token), token_mode)
 
     rows = []
+    curves = sum(len(names) for names in dimension_criteria.values())
+    started = time.perf_counter()
     for dimension, names in dimension_criteria.items():
         for name in names:
             token_mode = "attention" if name == "attn-prob" else "static"
@@ -103,6 +108,11 @@ def run_criteria_sweep(
                 evaluated = result["count"]
                 rows.append(dict(dimension=dimension, criterion=name, ratio=ratio,
                                  accuracy=result["accuracy"]))
+            if progress is not None:
+                done = len(rows) // len(ratios)
+                spent = time.perf_counter() - started
+                progress(f"{dimension}/{name} ({done}/{curves} curves), {spent:.0f}s, "
+                         f"eta {spent / done * (curves - done):.0f}s")
     if out_dir is not None:
         used = {r["criterion"] for r in rows}
         described = {label: c for label, c in {"hsic": score_config, **(extra_hsic or {})}.items()

@@ -11,11 +11,23 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from vitjax.stages import criteria, export, finetune, pretrain, prune, report, score, search
+from vitjax.stages import (
+    ablation,
+    compare,
+    criteria,
+    export,
+    finetune,
+    pretrain,
+    prune,
+    report,
+    score,
+    search,
+)
 from vitjax.stages.context import Context
 
 # The paper's pipeline (DESIGN.md); a name without an entry in STAGES is not built yet.
-ORDER = ("pretrain", "score", "criteria", "search", "prune", "finetune", "export", "report")
+ORDER = ("pretrain", "score", "criteria", "search", "ablation", "prune", "finetune", "export",
+         "compare", "report")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +52,19 @@ STAGES: dict[str, Stage] = {
               "criteria comparison (Fig. 1)"),
         Stage("search", search.run, ("pretrain",), ("search",),
               "GP + EI + SQP policy search (Sec. 3.3)"),
+        Stage("ablation", ablation.run, ("pretrain",), ("ablation", "search"),
+              "dimension ablation (Table 3 left) and accuracy-vs-FLOPs front (Fig. 2)"),
         Stage("prune", prune.run, ("pretrain", "search"), ("prune",),
               "physically smaller model (Alg. 1 line 12)"),
         Stage("finetune", finetune.run, ("prune",), ("finetune",),
               "finetuning the pruned model (Alg. 1 line 13)"),
         Stage("export", export.run, ("prune", "finetune"), ("export",),
               "jax.export / ONNX / TFLite artifacts, verified"),
+        Stage("compare", compare.run, ("pretrain", "prune"), ("compare", "finetune"),
+              "DynamicViT, block pruning, block + token at matched FLOPs (second paper)"),
         Stage("report", report.run,
-              ("pretrain", "criteria", "search", "prune", "finetune", "export"), (),
+              ("pretrain", "criteria", "search", "ablation", "prune", "finetune", "export",
+               "compare"), (),
               "report.md with the paper's tables"),
     )
 }

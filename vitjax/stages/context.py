@@ -16,24 +16,12 @@ import numpy as np
 from etils import epath
 
 from vitjax import workdir as workdir_lib
+from vitjax.configs import model_config_from
 from vitjax.errors import UserError
 from vitjax.models import ViT, ViTConfig
 
 SUPERNET_FILE = "supernet.safetensors"
 RANKS_FILE = "ranks.npz"  # the ranks the supernet was last trained with (save_scores format)
-
-
-def model_config_from(config: ml_collections.ConfigDict) -> ViTConfig:
-    """`config.model`: either `variant='S/16'` plus overrides, or every field spelled out."""
-    fields = dict(config.model.to_dict())
-    for key in ("variant", "drop_path_rate", "dtype", "remat"):
-        fields.pop(key, None)
-    try:
-        if config.model.get("variant"):
-            return ViTConfig.from_variant(config.model.variant, **fields)
-        return ViTConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"config.model is invalid: {e}") from None
 
 
 @contextlib.contextmanager
@@ -161,12 +149,28 @@ class Context:
 
     def eval_batches(self, name: str):
         """A callable returning a fresh pass over evaluation set `name` ('holdout'/'test'),
-        this process's padded batches, streamed (never the whole set in memory)."""
-        if name not in self.datasets.eval_names:
+        this process's padded batches. Streamed (never the whole set in memory), unless the
+        set's images fit in `config.data.cache_eval_mb` (default 256): then the first pass is
+        kept in host memory, since the criteria sweep and the searches make hundreds of passes
+        and a tf.data pass costs more than evaluating a small set (digits)."""
+        datasets = self.datasets
+        if name not in datasets.eval_names:
             raise UserError(
-                f"no {name!r} evaluation set in config.data (have {self.datasets.eval_names})"
+                f"no {name!r} evaluation set in config.data (have {datasets.eval_names})"
             )
-        return functools.partial(self.datasets.eval_batches, name)
+        stream = functools.partial(datasets.eval_batches, name)
+        size = int(self.config.data.image_size)
+        megabytes = datasets.eval_size(name) * size * size * 3 * 4 / 2**20
+        if megabytes > float(self.config.data.get("cache_eval_mb", 256)):
+            return stream
+        cache = self.__dict__.setdefault("_eval_cache", {})
+
+        def cached():
+            if name not in cache:
+                cache[name] = list(stream())
+            return iter(cache[name])
+
+        return cached
 
     def train_images(self, count: int, *, gather: bool = True) -> np.ndarray:
         """A fixed sample of `count` training images (the first of the stream) for scoring.

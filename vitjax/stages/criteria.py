@@ -22,5 +22,6 @@ def run(ctx: Context) -> dict:
         extra_hsic={"hsic-paper": ScoreConfig.paper(), "hsic-median": ScoreConfig(
             sigma_mode="median")},
         file_stem="criteria",
+        progress=lambda line: print(f"[vitjax] criteria: {line}", flush=True),
     )
     return {"rows": rows, "table": str(out / "criteria.md"), "plot": str(out / "criteria.png")}

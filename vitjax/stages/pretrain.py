@@ -100,5 +100,8 @@ def run(ctx: Context) -> dict:
             (out / (SUPERNET_FILE + ".tmp")).replace(out / SUPERNET_FILE)
         if ranks is not None:
             save_scores(out / RANKS_FILE, ranks=ranks)
-    return {"metrics": result.metrics, "supernet": str(out / SUPERNET_FILE),
+    from vitjax.stages.prune import parameter_count
+
+    return {"metrics": result.metrics, "dense_gmacs": ctx.dense_gmacs,
+            "params": parameter_count(params), "supernet": str(out / SUPERNET_FILE),
             "ranks": str(out / RANKS_FILE) if ranks is not None else None}

@@ -48,8 +48,8 @@ def run(ctx: Context) -> dict:
     from vitjax.stages.prune import PRUNED_FILE, parameter_count
 
     out = ctx.stage_dir("report")
-    done = {s: _done(ctx, s) for s in ("pretrain", "score", "criteria", "search", "prune",
-                                       "finetune", "export")}
+    done = {s: _done(ctx, s) for s in ("pretrain", "score", "criteria", "search", "ablation",
+                                       "prune", "finetune", "export", "compare")}
     c = ctx.model_config
     lines = ["# vitjax report", "",
              f"Workdir `{ctx.workdir}`; model: embed {c.embed_dim}, depth {c.depth}, "
@@ -133,11 +133,180 @@ def run(ctx: Context) -> dict:
         body = table.split("\n", 2)[2] if table.startswith("#") else table
         lines += ["## Pruning criteria (Fig. 1)", "", body.strip(), "",
                   "![criteria](../criteria/criteria.png)", ""]
+    # The second paper's systems at matched FLOPs (stage compare).
+    if done["compare"] and done["compare"].get("methods"):
+        lines += compare_table(ctx, done, rows, test, speed)
+        summary["compare"] = {m: r["accuracy"].get(test) for m, r in
+                              done["compare"]["methods"].items()}
+
+    # Table 3 left and Fig. 2: the ablation stage's searches on the supernet.
+    missing = []
+    if done["ablation"] and done["ablation"].get("dimensions"):
+        lines += ablation_table(done["ablation"], dense_gmacs)
+        summary["ablation"] = {name: r.get("accuracy") for name, r in
+                               done["ablation"]["dimensions"].items()}
+    else:
+        missing.append("the dimension ablation at equal FLOPs (Table 3 left: run the "
+                       "`ablation` stage with config.ablation.dimensions)")
+    points = front_points(ctx, done, test)
+    if len(points) > 1:
+        if ctx.is_main:
+            plot_front(points, out / "pareto.png")
+        lines += ["## Accuracy vs FLOPs (Fig. 2)", "",
+                  f"Accuracy on the {test} split against GMACs. Sub-networks of the supernet "
+                  "are the best policies the search found at each budget, without finetuning.",
+                  "", "| model | GMACs | FLOPs kept | accuracy |", "|---|---|---|---|"]
+        for label, gmacs, acc in points:
+            lines.append(f"| {label} | {gmacs:.4g} | {gmacs / dense_gmacs:.1%} | {_pct(acc)} |")
+        lines += ["", "![accuracy vs FLOPs](pareto.png)", ""]
+        summary["front"] = [dict(model=p[0], gmacs=p[1], accuracy=p[2]) for p in points]
+    if not (done["ablation"] and done["ablation"].get("front")):
+        missing.append("the accuracy-vs-FLOPs front over several budgets (Fig. 2: "
+                       "config.ablation.budgets)")
+    expand = ctx.config.get("expand")
+    if expand and float(expand.get("width", 1.0)) != 1.0:
+        lines += expand_table(ctx, expand, done, test)
+    else:
+        missing.append("expand-then-compress (Table 2: a config argument `expand=2`)")
+    missing.append("statistics over seeds (the study config `configs/digits_study.py` writes "
+                   "them to its own study.md)")
     lines += ["## Not in this report", "",
-              "The dimension ablation at equal FLOPs (Table 3 left), the accuracy-vs-FLOPs "
-              "Pareto front over several budgets (Fig. 2), multi-seed statistics and "
-              "expand-then-compress (Table 2) are not produced by this version.", ""]
+              *(f"- {item}" for item in missing), ""]
     if ctx.is_main:
         workdir_lib.write_text(out / "report.md", "\n".join(lines))
     print(f"[vitjax] report: {out / 'report.md'}", flush=True)
     return {**summary, "file": str(out / "report.md")}
+
+
+def ablation_table(ablation: dict, dense_gmacs: float) -> list[str]:
+    """Table 3 left: the best policy of each dimension combination at the same budget."""
+    lines = ["## Dimension ablation at equal FLOPs (Table 3 left)", "",
+             f"Each row: the policy search restricted to the ticked dimensions, at "
+             f"{ablation['target_gmacs']:.4g} GMACs ({ablation['target_gmacs'] / dense_gmacs:.1%}"
+             f" of dense), {ablation['evaluations_per_search']} evaluations each; accuracy of "
+             f"the best policy on the {ablation['split']} split without finetuning.", "",
+             "| neuron | head | token | accuracy | GMACs | hold-out objective |",
+             "|---|---|---|---|---|---|"]
+    for result in ablation["dimensions"].values():
+        ticks = " | ".join("✓" if d in result["dims"] else "–" for d in ("neuron", "head", "token"))
+        if not result["reachable"]:
+            lines.append(f"| {ticks} | cannot reach the budget | {result['lowest_gmacs']:.4g} "
+                         "(most pruned) | – |")
+            continue
+        lines.append(f"| {ticks} | {_pct(result['accuracy'])} | {result['best_gmacs']:.4g} | "
+                     f"{result['best_value']:.4f} |")
+    reachable = {n: r for n, r in ablation["dimensions"].items() if r["reachable"]}
+    full = next((r for r in reachable.values() if len(r["dims"]) == 3), None)
+    others = [r for r in reachable.values() if len(r["dims"]) < 3]
+    if full and others:
+        best = max(others, key=lambda r: r["accuracy"])
+        verdict = "beats" if full["accuracy"] > best["accuracy"] else "does not beat"
+        lines += ["", f"All three dimensions ({_pct(full['accuracy'])}%) {verdict} the best "
+                  f"one- or two-dimensional policy ({'+'.join(best['dims'])}, "
+                  f"{_pct(best['accuracy'])}%) in this run (one seed)."]
+    return [*lines, ""]
+
+
+def front_points(ctx: Context, done: dict, split: str) -> list[tuple[str, float, float | None]]:
+    """(label, GMACs, accuracy) for the Fig. 2 plot, read from the stage outputs."""
+    points = []
+    if done["pretrain"]:
+        points.append(("dense", ctx.dense_gmacs,
+                       done["pretrain"]["metrics"].get(f"eval/{split}/dense/accuracy")))
+    ablation = done["ablation"] or {}
+    for result in ablation.get("front", []):
+        if result["reachable"]:
+            points.append((f"sub-network at {result['target_gmacs'] / ctx.dense_gmacs:.0%} "
+                           "budget", result["best_gmacs"], result["accuracy"]))
+    if done["prune"]:
+        gmacs = done["prune"]["pruned_gmacs"]
+        points.append(("searched policy, no finetuning", gmacs,
+                       done["prune"]["accuracy_before_finetune"].get(split)))
+        if done["finetune"]:
+            points.append(("searched policy, finetuned", gmacs,
+                           done["finetune"]["accuracy"].get(split)))
+    return points
+
+
+def plot_front(points, path) -> None:
+    """Fig. 2: accuracy against GMACs; the supernet's front as a line, the rest as markers."""
+    plt = workdir_lib.pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    front = sorted((g, a) for label, g, a in points
+                   if (label.startswith("sub-network") or label.endswith("no finetuning"))
+                   and a is not None)
+    if front:
+        ax.plot(*zip(*front, strict=True), "o-", label="supernet sub-networks (no finetuning)")
+    markers = {"dense": "*", "searched policy, finetuned": "s"}
+    for label, gmacs, acc in points:
+        if label in markers and acc is not None:
+            ax.plot([gmacs], [100 * acc if acc <= 1 else acc], markers[label], markersize=10,
+                    label=label)
+    ax.set_xlabel("GMACs")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    workdir_lib.save_figure(fig, path)
+
+
+def expand_table(ctx: Context, expand, done: dict, split: str) -> list[str]:
+    """Table 2: the width-scaled model compressed to the small model's FLOPs vs the small model
+    trained alone (its dense result read from `expand.baseline_workdir`)."""
+    width = float(expand.width)
+    lines = ["## Expand-then-compress (Table 2)", "",
+             f"This run's model is {width:g}x wider, compressed to the small model's FLOPs "
+             f"({ctx.target_gmacs:.4g} GMACs).", "",
+             "| model | accuracy | GMACs | parameters |", "|---|---|---|---|"]
+    baseline = str(expand.get("baseline_workdir", "") or "")
+    base_done = None
+    if baseline:
+        from etils import epath
+
+        path = epath.Path(baseline) / "pretrain" / "DONE.json"
+        base_done = workdir_lib.read_json(path) if path.exists() else None
+    if base_done:
+        acc = base_done["metrics"].get(f"eval/{split}/dense/accuracy")
+        lines.append(f"| small model trained alone ({baseline}) | {_pct(acc)} | "
+                     f"{base_done.get('dense_gmacs', float('nan')):.4g} | "
+                     f"{base_done.get('params', 0):,} |")
+    else:
+        lines.append("| small model trained alone | not found: set config.expand."
+                     "baseline_workdir to a finished run of the small model | – | – |")
+    if done["finetune"] and done["prune"]:
+        lines.append(f"| {width:g}x wider, compressed and finetuned | "
+                     f"{_pct(done['finetune']['accuracy'].get(split))} | "
+                     f"{done['prune']['pruned_gmacs']:.4g} | {done['finetune']['params']:,} |")
+    return [*lines, ""]
+
+
+def compare_table(ctx: Context, done: dict, rows: list, split: str, speed: dict) -> list[str]:
+    """Dense, multi-dimensional (HSIC + GP), DynamicViT, block pruning and block + token at
+    matched FLOPs; every model's speed measured here, in this process, like Tables 1 and 4."""
+    from vitjax.stages.compare import load_model
+
+    compare = done["compare"]
+    lines = ["## Against DynamicViT and block pruning at matched FLOPs", "",
+             f"Target {compare['target_gmacs']:.4g} GMACs (the pruned model's). Accuracy on the "
+             f"{split} split; img/s measured by this stage (XLA, float32, forward only, best of "
+             "5, all models in this process).", "",
+             "| method | accuracy | GMACs | parameters | img/s batch 1 | img/s batch 64 |",
+             "|---|---|---|---|---|---|"]
+    named = {"dense supernet": "dense", "pruned + finetuned": "multi-dimensional (HSIC + GP)"}
+    for name, acc, gmacs, params, measured in rows:
+        if name in named:
+            lines.append(f"| {named[name]} | {_pct(acc)} | {gmacs:.4g} | {params:,} | "
+                         f"{measured[1]:.0f} | {measured[64]:.0f} |")
+    for method, result in compare["methods"].items():
+        model, params = load_model(ctx, method)
+        measured = {b: images_per_second(model, params, ctx.model_config.image_size, b)
+                    for b in (1, 64)}
+        speed[method] = measured
+        lines.append(f"| {method} | {_pct(result['accuracy'].get(split))} | "
+                     f"{result['gmacs']:.4g} | {result['params']:,} | {measured[1]:.0f} | "
+                     f"{measured[64]:.0f} |")
+    if "dense" in speed and "dynamicvit" in speed:
+        ratio = speed["dynamicvit"][1] / speed["dense"][1]
+        lines += ["", f"DynamicViT at batch 1 runs at {ratio:.2f}x the dense model's speed "
+                  f"({'slower' if ratio < 1 else 'faster'} than dense)."]
+    return [*lines, ""]

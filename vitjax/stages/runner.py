@@ -97,12 +97,14 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
                 print(f"[vitjax] {name}: config changed, removing its old results", flush=True)
                 (ctx.workdir / name).rmtree()
         _sync_processes("vitjax stale stages removed")
-    for name in stages:
+    pipeline_started = time.perf_counter()
+    for index, name in enumerate(stages, 1):
+        step = f"{name} ({index}/{len(stages)})"
         if ctx.done_file(name).exists():
             logging.info("stage %s: already done (%s), skipping", name, ctx.done_file(name))
-            print(f"[vitjax] {name}: done earlier with this config, skipped", flush=True)
+            print(f"[vitjax] {step}: done earlier with this config, skipped", flush=True)
             continue
-        print(f"[vitjax] {name}: running ({STAGES[name].description})", flush=True)
+        print(f"[vitjax] {step}: running ({STAGES[name].description})", flush=True)
         started = time.perf_counter()
         try:
             summary = STAGES[name].run(ctx)
@@ -115,8 +117,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
             workdir_lib.write_json(ctx.done_file(name), summary)
         # Process 0 writes a stage's files; nobody starts the next stage before they exist.
         _sync_processes(f"vitjax stage {name} done")
-        print(f"[vitjax] {name}: finished in {summary['seconds']}s -> {ctx.workdir / name}",
-              flush=True)
+        total = (time.perf_counter() - pipeline_started) / 60
+        print(f"[vitjax] {step}: finished in {summary['seconds']}s ({total:.1f} min since the "
+              f"start) -> {ctx.workdir / name}", flush=True)
     if ctx.is_main:  # only a config whose stages all ran (or matched) is recorded
         workdir_lib.write_json(ctx.workdir / "config.json", config.to_dict())
     return ctx

@@ -1,0 +1,74 @@
+"""The multi-seed study: verdict rules on constructed numbers, and the seed loop on a tiny run."""
+
+import numpy as np
+import pytest
+from test_stages import load_config, tiny_digits
+
+from vitjax.errors import UserError
+from vitjax.interop import load_native
+from vitjax.study import _criteria_margin, evaluate_claims, run_study
+from vitjax.workdir import read_json
+
+
+def _run(dense, finetuned, gp, random, three, best_other):
+    return {"dense": dense, "finetuned": finetuned, "search": {"gp": gp, "random": random},
+            "ablation": {"neuron": best_other, "neuron+token": best_other - 0.01,
+                         "head+neuron+token": three}}
+
+
+def _verdicts(runs, **kwargs):
+    return {c["claim"]: c["verdict"] for c in evaluate_claims(runs, **kwargs)}
+
+
+def test_verdicts_follow_the_per_seed_margins():
+    holds = {s: _run(0.96, 0.958, 0.97 + s / 1000, 0.95, 0.95 + s / 1000, 0.94)
+             for s in range(3)}
+    verdicts = _verdicts(holds)
+    assert verdicts["compression"] == "holds"  # 0.2 pp drop < 0.5 pp in every seed
+    assert verdicts["search"] == "holds" and verdicts["dimensions"] == "holds"
+    assert verdicts["criteria"] == "not measured"
+
+    fails = {s: _run(0.96, 0.94 - s / 100, 0.95, 0.96 + s / 1000, 0.90, 0.93) for s in range(3)}
+    verdicts = _verdicts(fails)
+    assert verdicts == {"compression": "does not hold", "search": "does not hold",
+                        "dimensions": "does not hold", "criteria": "not measured"}
+
+    # Signs that disagree between seeds: within noise.
+    mixed = {0: _run(0.96, 0.95, 0.97, 0.96, 0.95, 0.94),
+             1: _run(0.96, 0.959, 0.95, 0.96, 0.93, 0.94),
+             2: _run(0.96, 0.958, 0.96, 0.96, 0.95, 0.95)}
+    verdicts = _verdicts(mixed)
+    assert verdicts["search"] == "within noise" and verdicts["dimensions"] == "within noise"
+    assert verdicts["compression"] == "within noise"
+
+
+def test_criteria_margin_compares_hsic_with_the_best_other_at_high_ratios():
+    rows = [dict(dimension="head", criterion=c, ratio=r, accuracy=a)
+            for c, r, a in [("hsic", 0.3, 0.5), ("random", 0.3, 0.9),  # low ratio: ignored
+                            ("hsic", 0.6, 0.8), ("random", 0.6, 0.6), ("magnitude", 0.6, 0.7),
+                            ("hsic-paper", 0.6, 0.99)]]  # a HSIC variant is no competitor
+    assert _criteria_margin(rows, 0.5) == pytest.approx(0.1)
+
+
+def test_study_runs_each_seed_in_its_own_workdir(tmp_path):
+    config = tiny_digits()
+    config.stages = "pretrain"
+    study = load_config("digits_study")
+    config.study = study.study
+    config.study.seeds = (0, 1)
+    summary = run_study(config, tmp_path)
+    for seed in (0, 1):
+        recorded = read_json(tmp_path / f"seed_{seed}" / "config.json")
+        assert recorded["train"]["seed"] == seed and recorded["search"]["seed"] == seed
+        assert "study" not in recorded
+    weights = [load_native(tmp_path / f"seed_{s}" / "pretrain" / "supernet.safetensors")[1]
+               for s in (0, 1)]
+    assert not np.allclose(weights[0]["cls_token"], weights[1]["cls_token"])  # seeds differ
+    dense = [summary["runs"][s]["dense"] for s in (0, 1)]
+    text = (tmp_path / "study.md").read_text()
+    assert f"{100 * dense[0]:.2f}, {100 * dense[1]:.2f}" in text
+    assert "| GP search beats random search at equal evaluations | – | **not measured**" in text
+
+    config.study.seeds = (0,)
+    with pytest.raises(UserError, match="at least 2 distinct seeds"):
+        run_study(config, tmp_path)

@@ -1,0 +1,268 @@
+"""Stage `compare`: the second paper's systems at the pruned model's FLOPs, on the same data,
+teacher and FLOPs accounting as the multi-dimensional method (vit_block_and_token_pruning.md).
+
+Methods (`config.compare.methods`):
+  'dynamicvit'   DynamicViT (Rao et al.): predictors before `locations`, trained from the dense
+                 supernet with hard Gumbel-softmax decisions, the keep-ratio loss and logit +
+                 token distillation from the dense model (`vitjax.dynamicvit`); the keep rate of
+                 the `schedule` is set by bisection so the inference model's GMACs meet the
+                 target. Inference keeps a static top-k per stage.
+  'block'        movement pruning of heads and FFN neuron blocks (Sanh et al., Lagunas et al.;
+                 `vitjax.blockprune`) learned while finetuning with the L1 regulariser, then
+                 thresholded to the target and physically sliced through `prune_params`.
+  'block+token'  block pruning to `block_share` of the FLOPs cut, then DynamicViT on the sliced
+                 model for the rest: the combination the second paper could not complete.
+
+The target is the prune stage's GMACs (matched FLOPs), or the config's budget when the prune
+stage has not run. Every method trains with the finetuning recipe (`config.finetune`,
+`config.compare.steps` overriding its length) through the shared trainer with its own loss and
+extra trainable state; each lands in compare/<method>/ with its weights, a verified jax.export
+artifact and result.json. A finished method is not redone; a killed one resumes from its
+checkpoints. The report measures every model's speed in one process with the others.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from vitjax import workdir as workdir_lib
+from vitjax.errors import UserError
+from vitjax.models import ViT, ViTConfig
+from vitjax.stages.context import Context
+
+METHODS = ("dynamicvit", "block", "block+token")
+DYNAMICVIT_FILE = "dynamicvit.json"
+
+
+def folder(method: str) -> str:
+    return method.replace("+", "_")
+
+
+class MovementViT(nn.Module):
+    """A ViT whose heads and FFN neuron blocks are masked by learned movement scores: params
+    {'vit': ViT params, 'scores': {'head', 'neuron'}}, so the shared trainer and evaluator see
+    one model (the evaluator calls it like a ViT)."""
+
+    config: ViTConfig
+    mcfg: object  # vitjax.blockprune.MovementConfig
+    drop_path_rate: float = 0.0
+    dtype: object = None
+
+    @nn.compact
+    def __call__(self, images, masks=None, train: bool = False):
+        from vitjax.blockprune import init_scores, movement_masks
+
+        scores = self.param("scores", lambda _: init_scores(self.config, self.mcfg))
+        kwargs = {} if self.dtype is None else {"dtype": self.dtype}
+        vit = ViT(self.config, drop_path_rate=self.drop_path_rate, name="vit", **kwargs)
+        return vit(images, movement_masks(scores, self.mcfg), train=train)
+
+
+def _recipe(ctx: Context):
+    """The finetuning config (config.finetune over config.train), its length from
+    config.compare.steps when given."""
+    from vitjax.stages.finetune import finetune_config
+
+    config, _ = finetune_config(ctx)
+    steps = ctx.config.compare.get("steps")
+    if steps:
+        config.train.steps = int(steps)
+        config.train.warmup_steps = min(int(config.train.warmup_steps), int(steps) // 10)
+    return config
+
+
+def _train(ctx: Context, config, out, model, params, **kwargs):
+    from vitjax.stages.pretrain import StepBatches
+    from vitjax.training import train
+
+    datasets = ctx.datasets
+    result = train(config, str(out), model=model, train_batches=StepBatches(datasets),
+                   eval_sets={name: ctx.eval_batches(name) for name in datasets.eval_names},
+                   init_params=params, mesh=ctx.mesh, num_classes=datasets.num_classes,
+                   **kwargs)
+    if result.preempted:
+        raise UserError("the compare stage was preempted; rerun the same command to resume")
+    accuracy = {name: result.metrics[f"eval/{name}/model/accuracy"]
+                for name in datasets.eval_names}
+    return jax.device_get(result.params), accuracy
+
+
+def dynamicvit_schedule(ctx: Context, config: ViTConfig, target: float):
+    """The DynamicViTConfig of the configured locations and schedule kind whose inference GMACs
+    are the largest <= target (bisection on the rate)."""
+    from vitjax.dynamicvit import DynamicViTConfig, dynamicvit_gmacs, keep_ratios, validate
+
+    block = ctx.config.compare
+    locations = tuple(int(x) for x in block.locations) if block.get("locations") else \
+        (config.depth // 4, config.depth // 2, 3 * config.depth // 4)
+    locations = tuple(dict.fromkeys(max(1, x) for x in locations))
+    kind = block.get("schedule", "original")
+
+    def dyn(rate):
+        return DynamicViTConfig(locations=locations,
+                                ratios=keep_ratios(kind, rate, len(locations)))
+
+    def gmacs(rate):
+        try:
+            validate(dyn(rate).ratios, locations, config)
+        except ValueError:
+            return float("inf")
+        return dynamicvit_gmacs(config, dyn(rate))
+
+    if gmacs(1.0) <= target:
+        return dyn(1.0)
+    lo, hi = 0.0, 1.0  # gmacs(hi) > target
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if gmacs(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    if lo == 0.0 or gmacs(lo) > target:
+        raise UserError(
+            f"DynamicViT with locations {locations} and the {kind!r} schedule cannot reach "
+            f"{target:.4g} GMACs on this model; set config.compare.locations earlier")
+    validate(dyn(lo).ratios, locations, config)
+    return dyn(lo)
+
+
+def train_dynamicvit(ctx: Context, config: ViTConfig, params, target: float, out) -> dict:
+    """DynamicViT on `config` (dense or sliced) from `params`, teacher = the dense supernet."""
+    from vitjax.dynamicvit import DynamicViT, dynamicvit_gmacs, dynamicvit_loss, init_from_vit
+
+    dyn = dynamicvit_schedule(ctx, config, target)
+    print(f"[vitjax] compare: DynamicViT locations {dyn.locations}, keep ratios "
+          f"{tuple(round(r, 3) for r in dyn.ratios)}: {dynamicvit_gmacs(config, dyn):.4g} GMACs "
+          f"(target {target:.4g})", flush=True)
+    recipe = _recipe(ctx)
+    model = DynamicViT(config, dyn, dtype=ctx.model(config).dtype)
+    block = ctx.config.compare
+    loss_fn = dynamicvit_loss(
+        model, ctx.model(), ratio_weight=float(block.get("ratio_weight", 2.0)),
+        distill_weight=float(block.get("distill_weight", 0.5)),
+        token_distill_weight=float(block.get("token_distill_weight", 0.5)))
+    start = init_from_vit(model, params, jax.random.key(int(ctx.config.get("seed", 0))))
+    teacher = jax.device_get(ctx.load_supernet())
+    trained, accuracy = _train(ctx, recipe, out, model, start, loss_fn=loss_fn, frozen=teacher)
+    return dict(model=model, params=trained, accuracy=accuracy, config=config,
+                gmacs=dynamicvit_gmacs(config, dyn),
+                dynamicvit=dict(locations=list(dyn.locations), ratios=list(dyn.ratios)))
+
+
+def train_block(ctx: Context, target: float, out) -> dict:
+    """Movement pruning of the dense supernet to `target` GMACs, sliced."""
+    from vitjax.blockprune import MovementConfig, init_scores, movement_loss, prune_movement
+    from vitjax.pruning import count_flops
+
+    block = ctx.config.compare
+    config = ctx.model_config
+    mcfg = MovementConfig(**dict(block.get("movement", {})))
+    recipe = _recipe(ctx)
+    model = MovementViT(config, mcfg, dtype=ctx.model().dtype)
+    dense = jax.device_get(ctx.load_supernet())
+    start = {"vit": dense, "scores": init_scores(config, mcfg)}
+    trained, _ = _train(ctx, recipe, out, model, start,
+                        loss_fn=movement_loss(ctx.model(train=True), mcfg))
+    pruned_config, pruned_params = prune_movement(config, trained["vit"], trained["scores"],
+                                                  target)
+    gmacs = count_flops(pruned_config).total
+    print(f"[vitjax] compare: block pruning kept heads {list(pruned_config.layer_heads or [])}"
+          f", neurons {list(pruned_config.layer_mlp_dims or [])}: {gmacs:.4g} GMACs (target "
+          f"{target:.4g})", flush=True)
+    accuracy = {name: _accuracy(ctx, ctx.model(pruned_config), pruned_params, name)
+                for name in ctx.datasets.eval_names}
+    return dict(model=ctx.model(pruned_config), params=pruned_params, accuracy=accuracy,
+                config=pruned_config, gmacs=gmacs)
+
+
+def _accuracy(ctx: Context, model, params, split: str) -> float:
+    from vitjax.evaluate import evaluate
+
+    return float(evaluate(model, params, None, ctx.eval_batches(split)(), ctx.mesh)["accuracy"])
+
+
+def save_result(ctx: Context, method: str, result: dict, out) -> dict:
+    """Weights (+ DynamicViT schedule), a verified jax.export artifact, result.json."""
+    from vitjax.export import export_all
+    from vitjax.stages.prune import parameter_count, save_model
+
+    summary = {k: result[k] for k in ("accuracy", "gmacs", "block_gmacs") if k in result}
+    summary.update(params=parameter_count(result["params"]), method=method,
+                   weights=str(out / "model.safetensors"))
+    if ctx.is_main:
+        save_model(out / "model.safetensors", result["config"], result["params"])
+        if "dynamicvit" in result:
+            workdir_lib.write_json(out / DYNAMICVIT_FILE, result["dynamicvit"])
+            summary["dynamicvit"] = result["dynamicvit"]
+        exported = export_all(result["model"], result["params"], out / "export",
+                              formats=("jax",), strict=True)
+        summary["export_max_abs_diff"] = exported["formats"]["jax"]["max_abs_diff"]
+        workdir_lib.write_json(out / "result.json", summary)
+    return summary
+
+
+def load_model(ctx: Context, method: str):
+    """(model, params) of a finished method, for the report's speed measurement."""
+    from vitjax.interop import load_native
+    from vitjax.stages.context import local_copy
+
+    out = ctx.workdir / "compare" / folder(method)
+    with local_copy(out / "model.safetensors") as local:
+        config, params = load_native(local)
+    if (out / DYNAMICVIT_FILE).exists():
+        from vitjax.dynamicvit import DynamicViT, DynamicViTConfig
+
+        spec = workdir_lib.read_json(out / DYNAMICVIT_FILE)
+        dyn = DynamicViTConfig(locations=tuple(spec["locations"]), ratios=tuple(spec["ratios"]))
+        return DynamicViT(config, dyn), params
+    return ctx.model(config), params
+
+
+def run(ctx: Context) -> dict:
+    block = ctx.config.get("compare")
+    methods = tuple(block.get("methods", ()) or ()) if block else ()
+    if not methods:
+        print("[vitjax] compare: skipped, config.compare.methods is empty (e.g. "
+              "--config=configs/digits.py:compare)", flush=True)
+        return {"methods": {}}
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"config.compare.methods has {unknown}; choose from {list(METHODS)}")
+    out = ctx.stage_dir("compare")
+    prune = ctx.done_file("prune")
+    target = workdir_lib.read_json(prune)["pruned_gmacs"] if prune.exists() else \
+        ctx.target_gmacs
+    if target is None:
+        raise UserError("the compare stage needs a FLOPs target: run the prune stage or set "
+                        "config.target_flops_fraction")
+    results = {}
+    for index, method in enumerate(methods, 1):
+        mdir = out / folder(method)
+        if (mdir / "result.json").exists():
+            print(f"[vitjax] compare {index}/{len(methods)} {method}: done earlier, reused",
+                  flush=True)
+            results[method] = workdir_lib.read_json(mdir / "result.json")
+            continue
+        print(f"[vitjax] compare {index}/{len(methods)} {method}: training at {target:.4g} "
+              "GMACs", flush=True)
+        if method == "dynamicvit":
+            result = train_dynamicvit(ctx, ctx.model_config, jax.device_get(ctx.load_supernet()),
+                                      target, mdir)
+        elif method == "block":
+            result = train_block(ctx, target, mdir)
+        else:
+            share = float(block.get("block_share", 0.5))
+            if not 0.0 < share < 1.0:
+                raise UserError(f"config.compare.block_share={share}: the fraction of the FLOPs "
+                                "cut taken by block pruning must be in (0, 1)")
+            middle = ctx.dense_gmacs - share * (ctx.dense_gmacs - target)
+            first = train_block(ctx, middle, mdir / "block")
+            result = train_dynamicvit(ctx, first["config"], first["params"], target, mdir)
+            result["block_gmacs"] = first["gmacs"]
+        results[method] = save_result(ctx, method, result, mdir)
+        test = "test" if "test" in result["accuracy"] else next(iter(result["accuracy"]))
+        print(f"[vitjax] compare {index}/{len(methods)} {method}: {test} accuracy "
+              f"{result['accuracy'][test]:.2%} at {result['gmacs']:.4g} GMACs", flush=True)
+    return {"target_gmacs": target, "dense_gmacs": ctx.dense_gmacs, "methods": results}
+

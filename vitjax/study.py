@@ -1,0 +1,213 @@
+"""A study: the pipeline repeated over seeds, with mean +- std and a verdict per paper claim.
+
+    python -m vitjax.main --config=configs/digits_study.py --workdir=runs/digits_study
+
+A config with a `study` block (`study.seeds`) runs the whole pipeline once per seed in
+`<workdir>/seed_<s>` (the seeds of training, search and criteria set to s, the data split
+fixed; each run resumes like any other), then reads every run's stage outputs and writes `<workdir>/study.md` and `study.json`.
+
+Claims checked (the paper's, on whatever model and data the config names):
+  compression:  the pruned + finetuned model loses at most `max_drop` (0.5 pp) of test accuracy
+                at the configured FLOPs budget;
+  dimensions:   all three dimensions beat the best one- or two-dimensional policy at equal FLOPs
+                (ablation stage, test accuracy without finetuning);
+  search:       GP search beats random search at the same number of evaluations (best hold-out
+                objective);
+  criteria:     HSIC beats every other criterion at high pruning ratios (>= `high_ratio`),
+                averaged over the dimensions (criteria stage, test accuracy without finetuning).
+
+Verdict per claim from the per-seed margins m_s (> 0 means the claim holds in seed s): "holds"
+when every m_s > 0 and mean(m) > std(m); "does not hold" when every m_s < 0 and -mean(m) >
+std(m); otherwise "within noise". With 3 seeds this is a coarse test, and the report says so.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ml_collections
+import numpy as np
+from etils import epath
+
+from vitjax import workdir as workdir_lib
+from vitjax.errors import UserError
+
+
+def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    """The pipeline config of one seed: the study block removed; the seeds of training
+    (initialisation, dropout, policy sampling), search and criteria set to `seed`. The data
+    seed stays: every run sees the same hold-out and test images."""
+    out = config.copy_and_resolve_references()
+    del out["study"]
+    out.seed = seed
+    out.train.seed = seed
+    if "search" in out:
+        out.search.seed = seed
+    return out
+
+
+def run_study(config: ml_collections.ConfigDict, workdir) -> dict:
+    """Runs the pipeline for each of config.study.seeds, then writes study.md / study.json."""
+    from vitjax.stages.runner import run_pipeline
+
+    seeds = [int(s) for s in config.study.get("seeds", ())]
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise UserError(f"config.study.seeds={tuple(seeds)}: give at least 2 distinct seeds, "
+                        "e.g. (0, 1, 2)")
+    workdir = epath.Path(workdir)
+    started = time.perf_counter()
+    for index, seed in enumerate(seeds, 1):
+        elapsed = time.perf_counter() - started
+        eta = f", about {elapsed / (index - 1) * (len(seeds) - index + 1) / 60:.0f} min left" \
+            if index > 1 else ""
+        print(f"[vitjax] study: seed {seed} ({index}/{len(seeds)}), "
+              f"{elapsed / 60:.1f} min elapsed{eta}", flush=True)
+        run_pipeline(seed_config(config, seed), workdir / f"seed_{seed}")
+    runs = {seed: _read_run(workdir / f"seed_{seed}") for seed in seeds}
+    claims = evaluate_claims(runs, max_drop=float(config.study.get("max_drop", 0.005)),
+                             high_ratio=float(config.study.get("high_ratio", 0.5)))
+    seconds = time.perf_counter() - started
+    summary = {"seeds": seeds, "claims": claims, "runs": runs, "seconds": round(seconds, 1)}
+    lines = study_markdown(summary)
+    workdir_lib.write_json(workdir / "study.json", summary)
+    workdir_lib.write_text(workdir / "study.md", "\n".join(lines))
+    print("\n".join(lines[2:]), flush=True)
+    print(f"[vitjax] study: {workdir / 'study.md'} ({seconds / 60:.1f} min)", flush=True)
+    return summary
+
+
+def _read_run(run_dir: epath.Path) -> dict:
+    """The numbers of one seed's run that the claims need, from its stages' DONE.json."""
+    def done(stage):
+        path = run_dir / stage / "DONE.json"
+        return workdir_lib.read_json(path) if path.exists() else None
+
+    out: dict = {}
+    pretrain, prune, finetune = done("pretrain"), done("prune"), done("finetune")
+    if pretrain:
+        out["dense"] = pretrain["metrics"].get("eval/test/dense/accuracy")
+    if prune:
+        out["pruned_gmacs"] = prune["pruned_gmacs"]
+        out["pruned_no_finetune"] = prune["accuracy_before_finetune"].get("test")
+    if finetune:
+        out["finetuned"] = finetune["accuracy"].get("test")
+    if search := done("search"):
+        out["search"] = {m: r["best_value"] for m, r in search["methods"].items()}
+    if (ablation := done("ablation")) and ablation.get("dimensions"):
+        out["ablation"] = {n: r.get("accuracy") for n, r in ablation["dimensions"].items()
+                           if r.get("reachable")}
+    if criteria := done("criteria"):
+        out["criteria"] = criteria["rows"]
+    return out
+
+
+def _verdict(margins: list[float]) -> str:
+    m = np.asarray(margins, float)
+    mean, std = m.mean(), m.std(ddof=1) if len(m) > 1 else 0.0
+    if (m > 0).all() and mean > std:
+        return "holds"
+    if (m < 0).all() and -mean > std:
+        return "does not hold"
+    return "within noise"
+
+
+def _criteria_margin(rows: list[dict], high_ratio: float) -> float | None:
+    """Mean over dimensions and ratios >= high_ratio of HSIC minus the best other criterion
+    (the HSIC bandwidth variants are not 'other criteria')."""
+    margins = []
+    cells: dict = {}
+    for r in rows:
+        if r["ratio"] >= high_ratio and r["ratio"] > 0:
+            cells.setdefault((r["dimension"], r["ratio"]), {})[r["criterion"]] = r["accuracy"]
+    for accs in cells.values():
+        others = [a for c, a in accs.items() if not c.startswith("hsic")]
+        if "hsic" in accs and others:
+            margins.append(accs["hsic"] - max(others))
+    return float(np.mean(margins)) if margins else None
+
+
+def evaluate_claims(runs: dict, *, max_drop: float = 0.005, high_ratio: float = 0.5) -> list:
+    """[{claim, margins per seed, mean, std, verdict, detail}] from the per-seed numbers."""
+    claims = []
+
+    def add(name, statement, margins, detail):
+        margins = [m for m in margins if m is not None]
+        if len(margins) < 2:
+            claims.append(dict(claim=name, statement=statement, verdict="not measured",
+                               margins=margins, detail="fewer than 2 seeds have the numbers"))
+            return
+        m = np.asarray(margins)
+        claims.append(dict(claim=name, statement=statement, margins=margins,
+                           mean=float(m.mean()), std=float(m.std(ddof=1)),
+                           verdict=_verdict(margins), detail=detail))
+
+    drops = [(r["dense"] - r["finetuned"]) if r.get("finetuned") is not None
+             and r.get("dense") is not None else None for r in runs.values()]
+    add("compression", f"pruned + finetuned loses <= {100 * max_drop:.1f} pp of test accuracy",
+        [None if d is None else max_drop - d for d in drops],
+        "drop (pp) per seed: " + ", ".join("–" if d is None else f"{100 * d:.2f}"
+                                          for d in drops))
+    dim_margins, best_names = [], []
+    for r in runs.values():
+        ablation = r.get("ablation") or {}
+        full = [a for n, a in ablation.items() if len(n.split("+")) == 3]
+        others = {n: a for n, a in ablation.items() if len(n.split("+")) < 3}
+        if full and others:
+            best = max(others, key=others.get)
+            dim_margins.append(full[0] - others[best])
+            best_names.append(best)
+        else:
+            dim_margins.append(None)
+    add("dimensions", "all three dimensions beat the best one or two at equal FLOPs",
+        dim_margins, "best other combination per seed: " + ", ".join(best_names or ["–"]))
+    search_margins = [r["search"]["gp"] - r["search"]["random"]
+                      if "gp" in r.get("search", {}) and "random" in r.get("search", {})
+                      else None for r in runs.values()]
+    add("search", "GP search beats random search at equal evaluations", search_margins,
+        "margin = best hold-out objective, GP minus random")
+    add("criteria", f"HSIC beats the other criteria at pruning ratios >= {high_ratio:g}",
+        [_criteria_margin(r["criteria"], high_ratio) if r.get("criteria") else None
+         for r in runs.values()],
+        "margin = HSIC minus the best other criterion, mean over dimensions and ratios")
+    return claims
+
+
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    v = 100 * np.asarray(values)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+
+
+def study_markdown(summary: dict) -> list[str]:
+    runs = summary["runs"]
+    seeds = summary["seeds"]
+    lines = ["# vitjax study", "",
+             f"Seeds {', '.join(map(str, seeds))}; {summary['seconds'] / 60:.1f} min in all. "
+             "Accuracies in % on the test split, mean ± std over seeds (std with ddof=1).", "",
+             "| quantity | mean ± std | per seed |", "|---|---|---|"]
+
+    def row(label, values):
+        per_seed = ", ".join("–" if v is None else f"{100 * v:.2f}" for v in values)
+        lines.append(f"| {label} | {_mean_std(values)} | {per_seed} |")
+
+    row("dense", [r.get("dense") for r in runs.values()])
+    row("pruned, no finetuning", [r.get("pruned_no_finetune") for r in runs.values()])
+    row("pruned + finetuned", [r.get("finetuned") for r in runs.values()])
+    methods = sorted({m for r in runs.values() for m in r.get("search", {})})
+    for method in methods:
+        row(f"search {method}: best hold-out objective",
+            [r.get("search", {}).get(method) for r in runs.values()])
+    combos = list(dict.fromkeys(n for r in runs.values() for n in r.get("ablation", {})))
+    for name in combos:
+        row(f"ablation {name}", [r.get("ablation", {}).get(name) for r in runs.values()])
+    lines += ["", "## Claims", "",
+              "Verdict from the per-seed margins m (> 0: the claim holds in that seed): holds "
+              "if every m > 0 and mean > std; does not hold if every m < 0 and -mean > std; "
+              "else within noise.", "",
+              "| claim | margin (pp) mean ± std | verdict | detail |", "|---|---|---|---|"]
+    for c in summary["claims"]:
+        margin = "–" if "mean" not in c else f"{100 * c['mean']:+.2f} ± {100 * c['std']:.2f}"
+        lines.append(f"| {c['statement']} | {margin} | **{c['verdict']}** | {c['detail']} |")
+    return [*lines, ""]
