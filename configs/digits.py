@@ -67,17 +67,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.augment = light_augment_config()
 
     config.train = default_train_config()
-    config.train.steps = 1000
+    config.train.steps = 600
     config.train.batch_size = 128
     config.train.lr = 2e-3
-    config.train.warmup_steps = 100
+    config.train.warmup_steps = 60
     config.train.drop_path = 0.0
     config.train.target_tol = 0.2
     config.train.token_mode = "attention"
-    config.train.score_every = 250
+    config.train.score_every = 200
     config.train.log_every = 100
-    config.train.eval_every = 500
-    config.train.ckpt_every = 250
+    config.train.eval_every = 300
+    config.train.ckpt_every = 200
     config.mesh = default_mesh_config()
     config.distributed = default_distributed_config()
 
@@ -87,17 +87,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rescore=True: later stages select by the score stage's ranks instead of the supernet's.
     config.score = ml_collections.ConfigDict(dict(preset="authors_code", batch_size=256,
                                                   rescore=False))
+    # Fig. 1 at five ratios per criterion (the default is 0, 0.1, ..., 0.9): half the time.
+    config.criteria = ml_collections.ConfigDict(dict(ratios=(0.0, 0.2, 0.4, 0.6, 0.8)))
     # A small search (the paper: 100 + 100) with both baselines at the same budget (Table 5).
     config.search = default_search_config()
-    config.search.update(population=16, iterations=16, restarts=2,
+    config.search.update(population=12, iterations=12, restarts=2,
                          # The loss breaks ties between sub-networks of equal accuracy.
                          objective="accuracy_minus_loss", loss_weight=0.05)
     config.search.baselines = ("random", "authors")
     # Table 3 left and Fig. 2 on the supernet: small searches, equal budget for each.
-    config.ablation = ablation_config(population=6, iterations=6)
+    config.ablation = ablation_config(population=5, iterations=5)
+    config.ablation.budgets = (0.4, 0.5, 0.8)
     config.prune = prune_config()
-    config.finetune = finetune_config(steps=200, lr=5e-4, warmup_steps=20, eval_every=0,
-                                      ckpt_every=100)
+    config.finetune = finetune_config(steps=100, lr=5e-4, warmup_steps=10, eval_every=0,
+                                      ckpt_every=50)
     config.export = export_config()
     # The second paper's systems at the pruned model's FLOPs: off by default (about 4 more
     # minutes); `configs/digits.py:compare` turns them on.

@@ -5,8 +5,9 @@
 Runs the digits pipeline (configs/digits.py) at the paper's headline budget, 40% of the dense
 FLOPs ("60% reduction"), once per seed in runs/digits_study/seed_<s>, without the export stage,
 then writes runs/digits_study/study.md: dense, pruned and finetuned accuracy, GP vs random vs
-the authors' search, the dimension ablation and the criteria comparison as mean +- std, and
-whether each claim holds (vitjax/study.py defines the verdicts). BUILD_NOTES.md has the measured
+the authors' search, the dimension ablation, the criteria comparison and DynamicViT / block
+pruning / block + token at the pruned model's FLOPs as mean +- std, and whether each claim
+holds (vitjax/study.py defines the verdicts). BUILD_NOTES.md has the measured
 result and run time (about 10 minutes per seed on 2 CPU cores).
 """
 
@@ -28,8 +29,10 @@ def _digits():
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: as configs/digits.py (default 'flops=0.4')."""
     config = _digits().get_config(arg or "flops=0.4")
-    config.stages = "pretrain,score,criteria,search,ablation,prune,finetune,report"
+    config.stages = "pretrain,score,criteria,search,ablation,prune,finetune,compare,report"
     config.ablation.budgets = ()  # the front is one run's plot, not a claim
+    # The second paper's systems at the pruned model's FLOPs, 100 steps each (issue 14).
+    config.compare.update(methods=("dynamicvit", "block", "block+token"), steps=100)
     config.study = ml_collections.ConfigDict(dict(
         seeds=(0, 1, 2),
         max_drop=0.005,  # 'compression' claim: at most 0.5 pp lost after finetuning

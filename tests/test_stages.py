@@ -213,3 +213,30 @@ def test_a_killed_search_resumes_without_reevaluating(tmp_path, monkeypatch):
     uninterrupted = read_json(tmp_path / "fresh" / "search" / "DONE.json")
     assert resumed["best_policy"] == uninterrupted["best_policy"]
     assert resumed["best_value"] == uninterrupted["best_value"]
+
+
+def test_compare_stage_trains_the_second_papers_systems_and_the_report_times_them(tmp_path):
+    config = tiny_digits()
+    config.model.depth = 4  # DynamicViT predictors before blocks 1, 2, 3
+    # At this width a predictor costs as much as a block: 60% of the FLOPs is out of reach.
+    config.target_flops_fraction = 0.8
+    config.stages = "pretrain,compare,report"
+    config.compare.update(methods=("dynamicvit", "block", "block+token"), steps=2)
+    runner.run_pipeline(config, tmp_path)
+    compare = read_json(tmp_path / "compare" / "DONE.json")
+    target = compare["target_gmacs"]
+    assert set(compare["methods"]) == {"dynamicvit", "block", "block+token"}
+    for method, result in compare["methods"].items():
+        assert result["gmacs"] <= target * (1 + 1e-9), method
+        assert max(result["export_max_abs_diff"].values()) < 1e-4, method
+        folder = tmp_path / "compare" / method.replace("+", "_")
+        assert (folder / "export" / "model.jax_exported").exists()
+    combined = compare["methods"]["block+token"]
+    assert combined["block_gmacs"] > target  # block pruning took part of the cut, tokens the rest
+    assert len(compare["methods"]["dynamicvit"]["dynamicvit"]["locations"]) == 3
+    report = (tmp_path / "report" / "report.md").read_text()
+    for method, result in compare["methods"].items():
+        assert f"| {method} | {100 * result['accuracy']['test']:.1f} | {result['gmacs']:.4g} |" \
+            in report
+    # A rerun reuses every finished method.
+    runner.run_pipeline(config, tmp_path)

@@ -4,7 +4,8 @@
 
 A config with a `study` block (`study.seeds`) runs the whole pipeline once per seed in
 `<workdir>/seed_<s>` (the seeds of training, search and criteria set to s, the data split
-fixed; each run resumes like any other), then reads every run's stage outputs and writes `<workdir>/study.md` and `study.json`.
+fixed; each run resumes like any other), then reads every run's stage outputs and writes
+`<workdir>/study.md` and `study.json`.
 
 Claims checked (the paper's, on whatever model and data the config names):
   compression:  the pruned + finetuned model loses at most `max_drop` (0.5 pp) of test accuracy
@@ -98,6 +99,9 @@ def _read_run(run_dir: epath.Path) -> dict:
                            if r.get("reachable")}
     if criteria := done("criteria"):
         out["criteria"] = criteria["rows"]
+    if (compare := done("compare")) and compare.get("methods"):
+        out["compare"] = {m: r["accuracy"].get("test") for m, r in compare["methods"].items()}
+        out["compare_gmacs"] = {m: r["gmacs"] for m, r in compare["methods"].items()}
     return out
 
 
@@ -202,6 +206,22 @@ def study_markdown(summary: dict) -> list[str]:
     combos = list(dict.fromkeys(n for r in runs.values() for n in r.get("ablation", {})))
     for name in combos:
         row(f"ablation {name}", [r.get("ablation", {}).get(name) for r in runs.values()])
+    methods = list(dict.fromkeys(m for r in runs.values() for m in r.get("compare", {})))
+    if methods:
+        lines += ["", "## Second paper's systems at matched FLOPs (test accuracy)", "",
+                  "| method | mean ± std | per seed |", "|---|---|---|"]
+        candidates = {"multi-dimensional (HSIC + GP), finetuned":
+                      [r.get("finetuned") for r in runs.values()]}
+        candidates.update({m: [r.get("compare", {}).get(m) for r in runs.values()]
+                           for m in methods})
+        for label, values in candidates.items():
+            per_seed = ", ".join("–" if v is None else f"{100 * v:.2f}" for v in values)
+            lines.append(f"| {label} | {_mean_std(values)} | {per_seed} |")
+        means = {label: np.mean([v for v in values if v is not None])
+                 for label, values in candidates.items() if any(v is not None for v in values)}
+        if means:
+            best = max(means, key=means.get)
+            lines += ["", f"Highest mean: {best} ({100 * means[best]:.2f}%)."]
     lines += ["", "## Claims", "",
               "Verdict from the per-seed margins m (> 0: the claim holds in that seed): holds "
               "if every m > 0 and mean > std; does not hold if every m < 0 and -mean > std; "

@@ -48,7 +48,7 @@ STAGES: dict[str, Stage] = {
     for stage in (
         Stage("pretrain", pretrain.run, (), _SUPERNET, "supernet training (Eq. 5)"),
         Stage("score", score.run, ("pretrain",), ("score",), "HSIC scores (Eq. 2)"),
-        Stage("criteria", criteria.run, ("pretrain",), ("score", "seed"),
+        Stage("criteria", criteria.run, ("pretrain",), ("score", "seed", "criteria"),
               "criteria comparison (Fig. 1)"),
         Stage("search", search.run, ("pretrain",), ("search",),
               "GP + EI + SQP policy search (Sec. 3.3)"),

@@ -23,6 +23,8 @@ checkpoints. The report measures every model's speed in one process with the oth
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 
@@ -51,9 +53,13 @@ class MovementViT(nn.Module):
 
     @nn.compact
     def __call__(self, images, masks=None, train: bool = False):
-        from vitjax.blockprune import init_scores, movement_masks
+        from vitjax.blockprune import init_scores, learned_scores, movement_masks
 
-        scores = self.param("scores", lambda _: init_scores(self.config, self.mcfg))
+        if masks is not None:
+            raise ValueError("movement pruning learns its own masks; pass masks=None")
+        stored = self.param("scores", lambda _: jax.tree.map(
+            lambda s: s / self.mcfg.score_lr_scale, init_scores(self.config, self.mcfg)))
+        scores = learned_scores({"scores": stored}, self.mcfg)
         kwargs = {} if self.dtype is None else {"dtype": self.dtype}
         vit = ViT(self.config, drop_path_rate=self.drop_path_rate, name="vit", **kwargs)
         return vit(images, movement_masks(scores, self.mcfg), train=train)
@@ -122,7 +128,8 @@ def dynamicvit_schedule(ctx: Context, config: ViTConfig, target: float):
     if lo == 0.0 or gmacs(lo) > target:
         raise UserError(
             f"DynamicViT with locations {locations} and the {kind!r} schedule cannot reach "
-            f"{target:.4g} GMACs on this model; set config.compare.locations earlier")
+            f"{target:.4g} GMACs on this model (its predictors and the blocks before the first "
+            "location cost more); move config.compare.locations earlier or raise the budget")
     validate(dyn(lo).ratios, locations, config)
     return dyn(lo)
 
@@ -152,7 +159,13 @@ def train_dynamicvit(ctx: Context, config: ViTConfig, params, target: float, out
 
 def train_block(ctx: Context, target: float, out) -> dict:
     """Movement pruning of the dense supernet to `target` GMACs, sliced."""
-    from vitjax.blockprune import MovementConfig, init_scores, movement_loss, prune_movement
+    from vitjax.blockprune import (
+        MovementConfig,
+        learned_scores,
+        movement_init_fn,
+        movement_loss,
+        prune_movement,
+    )
     from vitjax.pruning import count_flops
 
     block = ctx.config.compare
@@ -160,12 +173,13 @@ def train_block(ctx: Context, target: float, out) -> dict:
     mcfg = MovementConfig(**dict(block.get("movement", {})))
     recipe = _recipe(ctx)
     model = MovementViT(config, mcfg, dtype=ctx.model().dtype)
-    dense = jax.device_get(ctx.load_supernet())
-    start = {"vit": dense, "scores": init_scores(config, mcfg)}
+    start = movement_init_fn(jax.device_get(ctx.load_supernet()), config, mcfg)(None)
     trained, _ = _train(ctx, recipe, out, model, start,
                         loss_fn=movement_loss(ctx.model(train=True), mcfg))
-    pruned_config, pruned_params = prune_movement(config, trained["vit"], trained["scores"],
-                                                  target)
+    scores = jax.device_get(learned_scores(trained, mcfg))
+    pruned_config, pruned_params = prune_movement(config, trained["vit"], scores, target)
+    if set(pruned_config.layer_tokens or ()) <= {config.num_tokens}:  # no token is pruned
+        pruned_config = dataclasses.replace(pruned_config, layer_tokens=None)
     gmacs = count_flops(pruned_config).total
     print(f"[vitjax] compare: block pruning kept heads {list(pruned_config.layer_heads or [])}"
           f", neurons {list(pruned_config.layer_mlp_dims or [])}: {gmacs:.4g} GMACs (target "
