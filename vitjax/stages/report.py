@@ -232,7 +232,7 @@ def plot_front(points, path) -> None:
     """Fig. 2: accuracy against GMACs; the supernet's front as a line, the rest as markers."""
     plt = workdir_lib.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    front = sorted((g, a) for label, g, a in points
+    front = sorted((g, 100 * a) for label, g, a in points
                    if (label.startswith("sub-network") or label.endswith("no finetuning"))
                    and a is not None)
     if front:
@@ -240,10 +240,9 @@ def plot_front(points, path) -> None:
     markers = {"dense": "*", "searched policy, finetuned": "s"}
     for label, gmacs, acc in points:
         if label in markers and acc is not None:
-            ax.plot([gmacs], [100 * acc if acc <= 1 else acc], markers[label], markersize=10,
-                    label=label)
+            ax.plot([gmacs], [100 * acc], markers[label], markersize=10, label=label)
     ax.set_xlabel("GMACs")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
