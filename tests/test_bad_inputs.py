@@ -144,6 +144,8 @@ def _assert_one_line_error(result, message):
      "no config field 'trian'; Did you mean \"train\""),
     (["--config=configs/digits.py", "--config.train.steps=abc"], "--config.train.steps=abc"),
     (["--config.train.steps=5"], "--config is required"),
+    (["--config=configs/digits.py:bogus"], "config argument 'bogus': expected 'distilled'"),
+    (["--config=configs/digits.py:expand=0.5"], "expand=0.5: the width factor must be > 1"),
 ])
 def test_command_line_mistakes(tmp_path, args, message):
     result = _cli(*args, f"--workdir={tmp_path / 'run'}")

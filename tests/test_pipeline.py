@@ -53,6 +53,9 @@ def test_main_runs_the_stages_and_skips_finished_ones(tmp_path):
         (["--config.stages=bogus"], "unknown stage"),
         (["--config.stages=score"], "run the pretrain stage first"),
         (["--config.model.image_size=48"], "config.data.image_size"),
+        (["--config.ablation.dimensions=('neuron+foo',)"], "combine ['neuron', 'head', 'token']"),
+        (["--config.compare.methods=('dynamicvit','x')"], "choose from ['dynamicvit', 'block'"),
+        (["--config.ablation.budgets=(1.5,)"], "fractions of the dense FLOPs in (0, 1)"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_a_nonzero_exit(tmp_path, args, message):

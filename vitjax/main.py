@@ -56,7 +56,7 @@ def main(argv):
         _fail(_one_line(e))
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException | str) -> str:
     """The message of an exception on one line (config loaders raise multi-line ones)."""
     if isinstance(error, KeyError) and error.args:  # ml_collections: "'key'\nDid you mean..."
         first, *rest = str(error.args[0]).splitlines() or [""]
@@ -90,7 +90,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
             _fail("--config is required, e.g. --config=configs/digits.py")
         return rest
     except flags.Error as e:
-        _fail(_one_line(e))
+        text = str(e).strip()
+        if "Traceback (most recent call last)" in text:  # get_config raised: its message only
+            text = f"--config: {text.splitlines()[-1]}"
+        _fail(_one_line(text))
     except (OSError, KeyError, AttributeError, TypeError, ValueError) as e:
         _fail(f"--config: {_one_line(e)}")
 

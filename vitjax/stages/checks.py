@@ -64,6 +64,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(overrides) - set(RESUMABLE_TRAIN_KEYS))
     _require(not unknown, f"config.train.resume_overrides names {unknown}: only "
              f"{', '.join(RESUMABLE_TRAIN_KEYS)} may change when resuming")
+    from vitjax.stages.ablation import combination
+    from vitjax.stages.compare import METHODS
+
+    ablation = config.get("ablation") or {}
+    for name in ablation.get("dimensions", ()) or ():
+        combination(name)
+    for b in ablation.get("budgets", ()) or ():
+        _require(0.0 < float(b) < 1.0, f"config.ablation.budgets has {b}: give fractions of the "
+                 "dense FLOPs in (0, 1), e.g. (0.4, 0.5, 0.7, 0.8)")
+    unknown = [m for m in ((config.get("compare") or {}).get("methods", ()) or ())
+               if m not in METHODS]
+    _require(not unknown, f"config.compare.methods has {unknown}; choose from {list(METHODS)}")
     fraction = config.get("target_flops_fraction")
     if fraction is not None and train.get("target_gmacs") is None:
         _require(0 < float(fraction) < 1,
