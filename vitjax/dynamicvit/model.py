@@ -42,7 +42,7 @@ from flax import traverse_util
 
 from vitjax.dynamicvit import schedule
 from vitjax.models.config import ViTConfig
-from vitjax.models.vit import Block, DenseParams, Mlp, PatchEmbed, _drop_path
+from vitjax.models.vit import Block, DenseParams, Mlp, PatchEmbed, _drop_path, classify
 from vitjax.pruning.flops import GIGA, _block_macs, _stem_and_head_macs
 
 Array = jax.Array
@@ -293,20 +293,7 @@ class DynamicViT(nn.Module):
 
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         aux.update(features=x[:, prefix:], pre_logits=x[:, 0])
-        if not cfg.num_classes:
-            # As vitjax's ViT (and timm's distilled DeiT) without heads.
-            features = (x[:, 0] + x[:, 1]) / 2 if cfg.distilled else x[:, 0]
-            return features.astype(jnp.float32), aux
-
-        def head(name: str) -> nn.Dense:
-            return nn.Dense(cfg.num_classes, dtype=self.dtype, kernel_init=tok_init, name=name)
-
-        logits = head("head")(x[:, 0]).astype(jnp.float32)
-        if cfg.distilled:
-            logits_dist = head("head_dist")(x[:, 1]).astype(jnp.float32)
-            aux.update(logits_cls=logits, logits_dist=logits_dist)
-            logits = (logits + logits_dist) / 2
-        return logits, aux
+        return classify(cfg, x, aux, self.dtype)
 
 
 def _flat_shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -339,20 +339,30 @@ class ViT(nn.Module):
 
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         aux = {"blocks": blocks_aux, "pre_logits": x[:, 0]}
-        if not cfg.num_classes:
-            # As timm's distilled DeiT without heads: the mean of both prefix tokens' features.
-            features = (x[:, 0] + x[:, 1]) / 2 if cfg.distilled else x[:, 0]
-            return features.astype(jnp.float32), aux
-        head = lambda name: nn.Dense(  # noqa: E731
-            cfg.num_classes, dtype=self.dtype, kernel_init=tok_init, name=name
-        )
-        logits = head("head")(x[:, 0]).astype(jnp.float32)
-        if cfg.distilled:
-            # DeiT distilled: without a teacher both heads are trained alike; average them.
-            logits_dist = head("head_dist")(x[:, 1]).astype(jnp.float32)
-            aux.update(logits_cls=logits, logits_dist=logits_dist)
-            logits = (logits + logits_dist) / 2
-        return logits, aux
+        return classify(cfg, x, aux, self.dtype)
+
+
+def classify(cfg: ViTConfig, x: Array, aux: dict, dtype: Any) -> tuple[Array, dict]:
+    """(logits, aux) from the final normalised tokens x [B, N, d]: the class head (and the
+    distillation head, averaged, for distilled DeiT). Call it inside a compact `__call__`: the
+    Dense layers become the caller's submodules 'head' / 'head_dist'. Without classes (a
+    feature extractor) the class token's features, or the mean of both prefix tokens' as timm's
+    distilled DeiT without heads."""
+    if not cfg.num_classes:
+        features = (x[:, 0] + x[:, 1]) / 2 if cfg.distilled else x[:, 0]
+        return features.astype(jnp.float32), aux
+
+    def head(name: str) -> nn.Dense:
+        return nn.Dense(cfg.num_classes, dtype=dtype,
+                        kernel_init=nn.initializers.truncated_normal(0.02), name=name)
+
+    logits = head("head")(x[:, 0]).astype(jnp.float32)
+    if cfg.distilled:
+        # DeiT distilled: without a teacher both heads are trained alike; average them.
+        logits_dist = head("head_dist")(x[:, 1]).astype(jnp.float32)
+        aux.update(logits_cls=logits, logits_dist=logits_dist)
+        logits = (logits + logits_dist) / 2
+    return logits, aux
 
 
 def init_params(model: ViT, rng: Array, batch_size: int = 1):
