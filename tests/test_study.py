@@ -6,7 +6,7 @@ from test_stages import load_config, tiny_digits
 
 from vitjax.errors import UserError
 from vitjax.interop import load_native
-from vitjax.study import _criteria_margin, evaluate_claims, run_study
+from vitjax.study import _criteria_margin, _speed_rows, evaluate_claims, run_study
 from vitjax.workdir import read_json
 
 
@@ -42,6 +42,19 @@ def test_verdicts_follow_the_per_seed_margins():
     assert verdicts["compression"] == "within noise"
 
 
+def test_speed_rows_are_ratios_to_dense_per_seed():
+    runs = {0: {"speed": {"dense": {"1": 100.0, "64": 200.0}, "pruned": {"1": 150.0, "64": 500.0},
+                          "dynamicvit": {"1": 90.0, "64": 400.0}}},
+            1: {"speed": {"dense": {"1": 100.0, "64": 100.0}, "pruned": {"1": 250.0, "64": 300.0},
+                          "dynamicvit": {"1": 110.0, "64": 200.0}}},
+            2: {}}  # a seed whose report did not run
+    rows = _speed_rows(runs, ["dynamicvit", "block"])
+    assert rows == [
+        "| multi-dimensional (HSIC + GP) | 2.00 ± 0.71 | 1.50, 2.50, – | 2.75 ± 0.35 | "
+        "2.50, 3.00, – |",
+        "| dynamicvit | 1.00 ± 0.14 | 0.90, 1.10, – | 2.00 ± 0.00 | 2.00, 2.00, – |"]
+
+
 def test_criteria_margin_compares_hsic_with_the_best_other_at_high_ratios():
     rows = [dict(dimension="head", criterion=c, ratio=r, accuracy=a)
             for c, r, a in [("hsic", 0.3, 0.5), ("random", 0.3, 0.9),  # low ratio: ignored
@@ -68,6 +81,11 @@ def test_study_runs_each_seed_in_its_own_workdir(tmp_path):
     text = (tmp_path / "study.md").read_text()
     assert f"{100 * dense[0]:.2f}, {100 * dense[1]:.2f}" in text
     assert "| GP search beats random search at equal evaluations | – | **not measured**" in text
+    # Run time: the stages' own seconds summed over seeds (a resumed study counts each once).
+    minutes = [summary["runs"][s]["stage_seconds"] / 60 for s in (0, 1)]
+    assert all(m > 0 for m in minutes)
+    assert f"{sum(minutes):.1f} min in all ({minutes[0]:.1f}, {minutes[1]:.1f} min per seed)" \
+        in text
 
     config.study.seeds = (0,)
     with pytest.raises(UserError, match="at least 2 distinct seeds"):

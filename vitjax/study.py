@@ -99,6 +99,12 @@ def _read_run(run_dir: epath.Path) -> dict:
                            if r.get("reachable")}
     if criteria := done("criteria"):
         out["criteria"] = criteria["rows"]
+    from vitjax.stages import STAGES
+
+    out["stage_seconds"] = sum(float((done(stage) or {}).get("seconds", 0.0))
+                               for stage in STAGES)
+    if (report := done("report")) and report.get("speed"):
+        out["speed"] = report["speed"]
     if (compare := done("compare")) and compare.get("methods"):
         out["compare"] = {m: r["accuracy"].get("test") for m, r in compare["methods"].items()}
         out["compare_gmacs"] = {m: r["gmacs"] for m, r in compare["methods"].items()}
@@ -184,12 +190,44 @@ def _mean_std(values) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
 
+def _minutes(runs: dict) -> str:
+    """Total and per-seed stage time (the sum of the stages' own seconds, so a resumed study
+    counts each stage once)."""
+    per_seed = [r.get("stage_seconds", 0.0) / 60 for r in runs.values()]
+    return (f"{sum(per_seed):.1f} min in all ("
+            + ", ".join(f"{m:.1f}" for m in per_seed) + " min per seed)")
+
+
+def _speed_rows(runs: dict, methods: list) -> list[str]:
+    """Rows of img/s relative to dense at batch 1 and 64 for the HSIC model and each method."""
+    rows = []
+    for label, key in [("multi-dimensional (HSIC + GP)", "pruned"),
+                       *((m, m) for m in methods)]:
+        cells = []
+        for batch in ("1", "64"):
+            ratios = [r["speed"][key][batch] / r["speed"]["dense"][batch]
+                      if key in r.get("speed", {}) and "dense" in r.get("speed", {}) else None
+                      for r in runs.values()]
+            known = [x for x in ratios if x is not None]
+            if not known:
+                cells += ["–", "–"]
+                continue
+            std = np.std(known, ddof=1) if len(known) > 1 else 0.0
+            cells += [f"{np.mean(known):.2f} ± {std:.2f}",
+                      ", ".join("–" if x is None else f"{x:.2f}" for x in ratios)]
+        if any(c != "–" for c in cells):
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def study_markdown(summary: dict) -> list[str]:
     runs = summary["runs"]
     seeds = summary["seeds"]
     lines = ["# vitjax study", "",
-             f"Seeds {', '.join(map(str, seeds))}; {summary['seconds'] / 60:.1f} min in all. "
-             "Accuracies in % on the test split, mean ± std over seeds (std with ddof=1).", "",
+             f"Seeds {', '.join(map(str, seeds))}; the stages took {_minutes(runs)} "
+             f"(this invocation {summary['seconds'] / 60:.1f} min: finished stages are "
+             "skipped on a rerun). Accuracies in % on the test split, mean ± std over seeds "
+             "(std with ddof=1).", "",
              "| quantity | mean ± std | per seed |", "|---|---|---|"]
 
     def row(label, values):
@@ -217,6 +255,14 @@ def study_markdown(summary: dict) -> list[str]:
         for label, values in candidates.items():
             per_seed = ", ".join("–" if v is None else f"{100 * v:.2f}" for v in values)
             lines.append(f"| {label} | {_mean_std(values)} | {per_seed} |")
+        speed_rows = _speed_rows(runs, methods)
+        if speed_rows:
+            lines += ["", "Speed of each model relative to the dense model (img/s ratio, "
+                      "measured by each seed's report stage: all models in one process, "
+                      "alternating, median of 5 rounds of 0.2 s; > 1 is faster than dense):",
+                      "",
+                      "| method | batch 1 mean ± std | batch 1 per seed | batch 64 mean ± std | "
+                      "batch 64 per seed |", "|---|---|---|---|---|", *speed_rows]
         means = {label: np.mean([v for v in values if v is not None])
                  for label, values in candidates.items() if any(v is not None for v in values)}
         if means:

@@ -23,20 +23,35 @@ def _done(ctx: Context, stage: str) -> dict | None:
     return workdir_lib.read_json(path) if path.exists() else None
 
 
-def images_per_second(model, params, image_size: int, batch: int, *, repeats: int = 5) -> float:
-    """Forward throughput of `model` (jitted, float32, random inputs): best of `repeats` after
-    a warm-up; both contenders are measured in this process one after the other."""
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-    images = np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3))
-    images = jax.device_put(images.astype(np.float32))
-    params = jax.device_put(params)
-    forward(params, images).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(params, images).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return batch / best
+def throughput(models: dict, image_size: int, batches=(1, 64), *, rounds: int = 5,
+               seconds: float = 0.2) -> dict:
+    """Forward images/s of every `models[name] = (model, params)` (jitted, float32, random
+    inputs) at each batch size: after a warm-up, `rounds` rounds in which every model runs
+    repeatedly for `seconds` in turn (A B C A B C ...), so a change of machine load hits all
+    of them alike; the median round per model. One process: a quick, fair reading for the
+    report; `benchmarks/pruned_speedup.py` is the separate-process measurement."""
+    out: dict = {name: {} for name in models}
+    for batch in batches:
+        images = np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3))
+        images = jax.device_put(images.astype(np.float32))
+        calls = {}
+        for name, (model, params) in models.items():
+            forward = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)[0])
+            params = jax.device_put(params)
+            forward(params, images).block_until_ready()  # compile
+            calls[name] = lambda forward=forward, params=params, images=images: \
+                forward(params, images).block_until_ready()
+        samples: dict = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                n, start = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - start) < seconds or n == 0:
+                    call()
+                    n += 1
+                samples[name].append(batch * n / elapsed)
+        for name in models:
+            out[name][batch] = float(np.median(samples[name]))
+    return out
 
 
 def _pct(value) -> str:
@@ -64,17 +79,26 @@ def run(ctx: Context) -> dict:
     supernet = jax.device_get(ctx.load_supernet())
     dense_params = parameter_count(supernet)
     dense_gmacs = ctx.dense_gmacs
-    speed = {}
+    # Every model this report times, measured together (alternating) before any table.
+    contenders = {}
     if done["pretrain"]:
-        acc = done["pretrain"]["metrics"].get(f"eval/{test}/dense/accuracy")
-        speed["dense"] = {b: images_per_second(ctx.model(), supernet, ctx.model_config.image_size,
-                                               b) for b in (1, 64)}
-        rows.append(("dense supernet", acc, dense_gmacs, dense_params, speed["dense"]))
+        contenders["dense"] = (ctx.model(), supernet)
     if done["prune"]:
         with local_copy(ctx.workdir / "prune" / PRUNED_FILE) as local:
             pruned_config, pruned_params = load_native(local)
-        speed["pruned"] = {b: images_per_second(ctx.model(pruned_config), pruned_params,
-                                                pruned_config.image_size, b) for b in (1, 64)}
+        contenders["pruned"] = (ctx.model(pruned_config), pruned_params)
+    compare_methods = (done["compare"] or {}).get("methods") or {}
+    if compare_methods:
+        from vitjax.stages.compare import load_model
+
+        contenders.update({m: load_model(ctx, m) for m in compare_methods})
+    print(f"[vitjax] report: timing {', '.join(contenders)} at batch 1 and 64 "
+          f"(alternating, 5 rounds of 0.2 s)", flush=True)
+    speed = throughput(contenders, ctx.model_config.image_size)
+    if done["pretrain"]:
+        acc = done["pretrain"]["metrics"].get(f"eval/{test}/dense/accuracy")
+        rows.append(("dense supernet", acc, dense_gmacs, dense_params, speed["dense"]))
+    if done["prune"]:
         gmacs = done["prune"]["pruned_gmacs"]
         rows.append(("pruned, no finetuning", done["prune"]["accuracy_before_finetune"].get(test),
                      gmacs, done["prune"]["pruned_params"], speed["pruned"]))
@@ -83,7 +107,8 @@ def run(ctx: Context) -> dict:
                          done["finetune"]["params"], speed["pruned"]))
     lines += ["## Dense vs compressed (Tables 1 and 4)", "",
               f"Accuracy on the {test} split (%); throughput measured by this stage (XLA, "
-              f"float32, {jax.devices()[0].platform}, forward only, best of 5).", "",
+              f"float32, {jax.devices()[0].platform}, forward only; all models of this report "
+              "in this process, alternating, median of 5 rounds of 0.2 s).", "",
               "| model | accuracy | GMACs | FLOPs kept | parameters | img/s batch 1 | "
               "img/s batch 64 |", "|---|---|---|---|---|---|---|"]
     for name, acc, gmacs, params, measured in rows:
@@ -135,9 +160,12 @@ def run(ctx: Context) -> dict:
                   "![criteria](../criteria/criteria.png)", ""]
     # The second paper's systems at matched FLOPs (stage compare).
     if done["compare"] and done["compare"].get("methods"):
-        lines += compare_table(ctx, done, rows, test, speed)
+        lines += compare_table(done, rows, test, speed)
         summary["compare"] = {m: r["accuracy"].get(test) for m, r in
                               done["compare"]["methods"].items()}
+    # Every model's measured img/s, for the study's speed rows.
+    summary["speed"] = {name: {str(b): v for b, v in measured.items()}
+                        for name, measured in speed.items()}
 
     # Table 3 left and Fig. 2: the ablation stage's searches on the supernet.
     missing = []
@@ -279,16 +307,14 @@ def expand_table(ctx: Context, expand, done: dict, split: str) -> list[str]:
     return [*lines, ""]
 
 
-def compare_table(ctx: Context, done: dict, rows: list, split: str, speed: dict) -> list[str]:
+def compare_table(done: dict, rows: list, split: str, speed: dict) -> list[str]:
     """Dense, multi-dimensional (HSIC + GP), DynamicViT, block pruning and block + token at
-    matched FLOPs; every model's speed measured here, in this process, like Tables 1 and 4."""
-    from vitjax.stages.compare import load_model
-
+    matched FLOPs; speed as measured with Tables 1 and 4."""
     compare = done["compare"]
     lines = ["## Against DynamicViT and block pruning at matched FLOPs", "",
              f"Target {compare['target_gmacs']:.4g} GMACs (the pruned model's). Accuracy on the "
-             f"{split} split; img/s measured by this stage (XLA, float32, forward only, best of "
-             "5, all models in this process).", "",
+             f"{split} split; img/s measured by this stage with Tables 1 and 4 (XLA, float32, "
+             "forward only, alternating in one process, median of 5 rounds).", "",
              "| method | accuracy | GMACs | parameters | img/s batch 1 | img/s batch 64 |",
              "|---|---|---|---|---|---|"]
     named = {"dense supernet": "dense", "pruned + finetuned": "multi-dimensional (HSIC + GP)"}
@@ -297,10 +323,7 @@ def compare_table(ctx: Context, done: dict, rows: list, split: str, speed: dict)
             lines.append(f"| {named[name]} | {_pct(acc)} | {gmacs:.4g} | {params:,} | "
                          f"{measured[1]:.0f} | {measured[64]:.0f} |")
     for method, result in compare["methods"].items():
-        model, params = load_model(ctx, method)
-        measured = {b: images_per_second(model, params, ctx.model_config.image_size, b)
-                    for b in (1, 64)}
-        speed[method] = measured
+        measured = speed[method]
         lines.append(f"| {method} | {_pct(result['accuracy'].get(split))} | "
                      f"{result['gmacs']:.4g} | {result['params']:,} | {measured[1]:.0f} | "
                      f"{measured[64]:.0f} |")
