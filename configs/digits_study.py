@@ -8,7 +8,7 @@ then writes runs/digits_study/study.md: dense, pruned and finetuned accuracy, GP
 the authors' search, the dimension ablation, the criteria comparison and DynamicViT / block
 pruning / block + token at the pruned model's FLOPs as mean +- std, and whether each claim
 holds (vitjax/study.py defines the verdicts). BUILD_NOTES.md has the measured
-result and run time (about 10 minutes per seed on 2 CPU cores).
+result and run time (about 15 minutes per seed on 2 CPU cores, 45 minutes in all).
 """
 
 import importlib.util
