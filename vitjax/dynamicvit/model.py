@@ -42,8 +42,8 @@ from flax import traverse_util
 
 from vitjax.dynamicvit import schedule
 from vitjax.models.config import ViTConfig
-from vitjax.models.vit import Block, DenseParams, Mlp, PatchEmbed, _drop_path, classify
-from vitjax.pruning.flops import GIGA, _block_macs, _stem_and_head_macs
+from vitjax.models.vit import Block, DenseParams, Mlp, PatchEmbed, classify, drop_path_residual
+from vitjax.pruning.flops import GIGA, block_macs, stem_and_head_macs
 
 Array = jax.Array
 # softmax_with_policy's eps: keeps rows whose keys are all dropped finite, as in the original.
@@ -180,10 +180,10 @@ class PolicyBlock(nn.Module):
         if self.num_heads:
             out = PolicyAttention(self.num_heads, self.head_dim, self.dtype, name="attn")(
                 norm("norm1")(x), policy)
-            x = x + _drop_path(out, self.drop_path, False, self)
+            x = x + drop_path_residual(out, self.drop_path, False, self)
         if self.mlp_dim:
             out, _ = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
-            x = x + _drop_path(out, self.drop_path, False, self)
+            x = x + drop_path_residual(out, self.drop_path, False, self)
         return x
 
 
@@ -353,7 +353,7 @@ def dynamicvit_gmacs(config: ViTConfig, dyn: DynamicViTConfig) -> float:
     for layer in range(config.depth):
         patches = counts.get(layer, patches)
         tokens = patches + config.num_prefix_tokens
-        blocks += sum(_block_macs(d, dh, config.heads_at(layer), config.mlp_dim_at(layer),
+        blocks += sum(block_macs(d, dh, config.heads_at(layer), config.mlp_dim_at(layer),
                                   tokens, tokens))
-    stem, head = _stem_and_head_macs(config)
+    stem, head = stem_and_head_macs(config)
     return (stem + blocks + head) / GIGA + predictor_gmacs(config, dyn)

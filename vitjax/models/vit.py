@@ -51,7 +51,7 @@ class Masks:
     token_keep: Array | None = None
 
 
-def _drop_path(x: Array, rate: float, deterministic: bool, module: nn.Module) -> Array:
+def drop_path_residual(x: Array, rate: float, deterministic: bool, module: nn.Module) -> Array:
     """Stochastic depth: drops the whole residual branch per sample."""
     if deterministic or rate == 0.0:
         return x
@@ -207,7 +207,7 @@ class Block(nn.Module):
             attn_out, heads, cls_attn = Attention(
                 self.num_heads, self.head_dim, self.dtype, name="attn"
             )(ln("norm1")(x), head_mask, alive)
-            x = x + _drop_path(attn_out, self.drop_path, not train, self)
+            x = x + drop_path_residual(attn_out, self.drop_path, not train, self)
             aux.update(attn_heads=heads, cls_attn=cls_attn)
             if head_mask is None:
                 cls_attn_mean = cls_attn.mean(axis=1)
@@ -242,7 +242,7 @@ class Block(nn.Module):
             mlp_out, hidden = Mlp(self.mlp_dim, self.dtype, name="mlp")(
                 ln("norm2")(x), neuron_mask
             )
-            x = x + _drop_path(mlp_out, self.drop_path, not train, self)
+            x = x + drop_path_residual(mlp_out, self.drop_path, not train, self)
             aux["ffn_hidden"] = hidden
         return x, alive, aux
 

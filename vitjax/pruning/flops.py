@@ -57,7 +57,7 @@ class Flops:
         )
 
 
-def _block_macs(d, dh, heads, neurons, n_in, n_out):
+def block_macs(d, dh, heads, neurons, n_in, n_out):
     """MACs of one block's parts; works on Python numbers, numpy and jax arrays alike."""
     qkv = n_in * d * 3 * heads * dh
     attention = 2 * heads * n_in * n_in * dh
@@ -66,7 +66,7 @@ def _block_macs(d, dh, heads, neurons, n_in, n_out):
     return qkv, attention, proj, ffn
 
 
-def _stem_and_head_macs(config: ViTConfig) -> tuple[float, float]:
+def stem_and_head_macs(config: ViTConfig) -> tuple[float, float]:
     patch = config.num_patches * config.patch_size**2 * config.in_chans * config.embed_dim
     head = config.embed_dim * config.num_classes * (2 if config.distilled else 1)
     return patch, head
@@ -81,13 +81,13 @@ def count_flops(config: ViTConfig, policy=None) -> Flops:
     parts = np.zeros(4)
     per_layer = []
     for layer in range(config.depth):
-        macs = _block_macs(
+        macs = block_macs(
             d, dh, config.heads_at(layer), config.mlp_dim_at(layer),
             config.tokens_in(layer), config.tokens_out(layer),
         )
         parts += np.asarray(macs, np.float64)
         per_layer.append(sum(macs) / GIGA)
-    patch, head = _stem_and_head_macs(config)
+    patch, head = stem_and_head_macs(config)
     qkv, attention, proj, ffn = (parts / GIGA).tolist()
     return Flops(patch / GIGA, qkv, attention, proj, ffn, head / GIGA, tuple(per_layer))
 
@@ -107,9 +107,9 @@ def _gmacs_from_ratios(config: ViTConfig, ratios, xp, ceil):
     for layer in range(L):
         n_in = patches + prefix
         patches = round_up((1.0 - token_r[..., layer]) * patches)
-        macs = _block_macs(d, dh, heads[..., layer], neurons[..., layer], n_in, patches + prefix)
+        macs = block_macs(d, dh, heads[..., layer], neurons[..., layer], n_in, patches + prefix)
         total = total + sum(macs)
-    patch, head = _stem_and_head_macs(config)
+    patch, head = stem_and_head_macs(config)
     return (total + patch + head) / GIGA
 
 
