@@ -1,14 +1,18 @@
-"""Where the dense ViT forward pass spends its CPU time under XLA:CPU.
+"""Where the dense ViT forward pass (or training step) spends its CPU time under XLA:CPU.
 
     python -m vitjax.export.profile_forward                      # DeiT-S, batch 32, both parts
     python -m vitjax.export.profile_forward --part=trace --runs=3
     python -m vitjax.export.profile_forward --part=ablate --reps=5 --seconds=2
+    python -m vitjax.export.profile_forward --step --runs=2      # the training step's trace
 
 Part 'trace': `jax.jit(f).lower(...).compile()`, then `jax.profiler.trace` of a few calls; the
 time of every executed thunk (one per XLA fusion / op, on XLA's worker threads) is summed per
 model op (the fusion's root op, block index removed, e.g. 'mlp/dot_general') and tagged with
 the costly elementwise ops fused into it (erf: GELU, exponential: softmax, rsqrt: LayerNorm,
 transpose). Times are CPU time summed over threads.
+
+`--step` traces a whole training step instead (cross-entropy, `jax.value_and_grad`, AdamW, the
+state donated) as `benchmarks/dense_vs_timm.py` times it; backward ops read 'transpose(jvp(...))'.
 
 Part 'ablate': the same forward with one op made free, timed against the full model, each in
 its own process, alternating (vitjax.export.timing): transposes become bitcasts (reshape),
@@ -107,22 +111,64 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
     return index
 
 
-def trace(variant: str, batch: int, runs: int) -> None:
+def build_step(variant: str, batch: int):
+    """(call, compiled) of one dense AdamW training step on random data; call() runs a step."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from vitjax.models import ViT, ViTConfig, init_params
+
+    config = ViTConfig.from_variant(f"{variant}/16", num_classes=1000, image_size=224)
+    model = ViT(config)
+    params = init_params(model, jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (batch, 224, 224, 3), jnp.float32)
+    labels = jax.random.randint(jax.random.key(2), (batch,), 0, 1000)
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+
+    def loss_fn(p, x, y):
+        logits, _ = model.apply({"params": p}, x, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def step(state, x, y):
+        p, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), loss
+
+    state = [(params, tx.init(params))]
+    compiled = jax.jit(step, donate_argnums=0).lower(state[0], images, labels).compile()
+
+    def call():
+        state[0], loss = compiled(state[0], images, labels)
+        loss.block_until_ready()
+
+    return call, compiled
+
+
+def trace(variant: str, batch: int, runs: int, step: bool = False) -> None:
     import time
 
     import jax
     from jax.profiler import ProfileData
 
-    forward, params, images = build(variant, batch)
-    compiled = forward.lower(params, images).compile()
+    if step:
+        call, compiled = build_step(variant, batch)
+    else:
+        forward, params, images = build(variant, batch)
+        compiled = forward.lower(params, images).compile()
+
+        def call():
+            compiled(params, images).block_until_ready()
+
     index = _hlo_index(compiled.as_text())
     for _ in range(2):
-        compiled(params, images).block_until_ready()
+        call()
     with tempfile.TemporaryDirectory() as logdir:
         start = time.perf_counter()
         with jax.profiler.trace(logdir):
             for _ in range(runs):
-                compiled(params, images).block_until_ready()
+                call()
         wall = (time.perf_counter() - start) / runs
         (path,) = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
         profile = ProfileData.from_file(path)
@@ -135,7 +181,8 @@ def trace(variant: str, batch: int, runs: int) -> None:
                     threads.add(line.name)
                     by_op[index[event.name]] += event.duration_ns / 1e9 / runs
     total = sum(by_op.values())
-    print(f"DeiT-{variant} batch {batch}: {wall * 1e3:.0f} ms per forward (wall, under the "
+    what = "training step" if step else "forward"
+    print(f"DeiT-{variant} batch {batch}: {wall * 1e3:.0f} ms per {what} (wall, under the "
           f"profiler); thunk CPU time {total * 1e3:.0f} ms on {len(threads)} threads")
     print(f"{'model op (fusion root)':<52}{'fused':<22}{'ms':>8}{'share':>8}")
     for (op, flags), seconds in by_op.most_common():
@@ -197,7 +244,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", default="S")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--part", default="both", choices=["trace", "ablate", "both"])
-    parser.add_argument("--runs", type=int, default=3, help="traced forward calls")
+    parser.add_argument("--runs", type=int, default=3, help="traced calls")
+    parser.add_argument("--step", action="store_true",
+                        help="trace a training step instead of the forward (trace part only)")
     parser.add_argument("--reps", type=int, default=5, help="alternating rounds (ablate)")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per turn (ablate)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -211,11 +260,13 @@ def main(argv=None) -> int:
         return 0
     from vitjax.export import timing
 
+    if args.step and args.part == "ablate":
+        parser.error("--step profiles the training step with --part=trace only")
     print(timing.load_average(), "(before)")
     if args.part in ("trace", "both"):
-        trace(args.variant, args.batch, args.runs)
+        trace(args.variant, args.batch, args.runs, step=args.step)
         print()
-    if args.part in ("ablate", "both"):
+    if args.part in ("ablate", "both") and not args.step:
         ablate(args.variant, args.batch, args.reps, args.seconds)
     print(timing.load_average(), "(after)")
     return 0
