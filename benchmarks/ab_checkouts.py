@@ -4,13 +4,15 @@
     python benchmarks/ab_checkouts.py --base=/tmp/base                       # training step
     python benchmarks/ab_checkouts.py --base=/tmp/base --what=forward --reps=7
     git worktree remove /tmp/base
+    python benchmarks/ab_checkouts.py --base=. --xla-flags=--xla_cpu_use_onednn=true   # a flag
 
 Each checkout runs in its own process with its own `PYTHONPATH` (the one importing `vitjax`
 from `--base`, the other from `--new`, this checkout by default), the same contender as
 `benchmarks/dense_vs_timm.py` (DeiT, 224px, 1000 classes, float32, AdamW with donated state for
 the step), and the two take turns for --seconds per round (vitjax/export/timing.py). It prints
 each round's images/s and the median of per-round new/base ratios: a ratio inside the spread of
-the rounds is no change.
+the rounds is no change. `--xla-flags` are added to XLA_FLAGS of the new side only (the base
+keeps the caller's), so one checkout can be timed against itself with and without a compiler flag.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--what", default="step", choices=["step", "forward"])
     parser.add_argument("--variant", default="S", help="Ti, S (or B)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--xla-flags", default=None, help="added to XLA_FLAGS of the new side only")
     parser.add_argument("--reps", type=int, default=9, help="alternating rounds")
     parser.add_argument("--seconds", type=float, default=2.0, help="run time per turn")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -61,8 +64,8 @@ def main(argv=None) -> int:
         parser.error("--base is required: a checkout of the code before the change "
                      "(git worktree add /tmp/base HEAD)")
     paths = {"base": checkout(args.base), "new": checkout(args.new)}
-    if paths["base"] == paths["new"]:
-        parser.error("--base and --new are the same checkout")
+    if paths["base"] == paths["new"] and args.xla_flags is None:
+        parser.error("--base and --new are the same checkout (give --xla-flags to time a flag)")
     from vitjax.export import timing
 
     spec = json.dumps({"variant": args.variant, "batch": args.batch, "what": args.what})
@@ -71,8 +74,11 @@ def main(argv=None) -> int:
     try:
         for name, path in paths.items():
             env = dict(os.environ, PYTHONPATH=path)
+            if name == "new" and args.xla_flags is not None:
+                env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
             workers.append(timing.Worker(name, [sys.executable, SCRIPT, "--worker", spec], env=env))
-            print(f"  {name}: vitjax from {workers[-1].info['vitjax']}", flush=True)
+            print(f"  {name}: vitjax from {workers[-1].info['vitjax']}, "
+                  f"XLA_FLAGS={env.get('XLA_FLAGS', '')!r}", flush=True)
         samples = timing.alternate(workers, args.reps, args.seconds)
     finally:
         for worker in workers:

@@ -20,8 +20,8 @@ def test_times_each_checkout_in_its_own_process(tmp_path):
     result = _run(f"--base={base}", "--what=forward", "--variant=Ti", "--batch=1", "--reps=2",
                   "--seconds=0.05")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"base: vitjax from {base}" in result.stdout
-    assert f"new: vitjax from {ROOT}" in result.stdout
+    assert f"base: vitjax from {base}," in result.stdout
+    assert f"new: vitjax from {ROOT}," in result.stdout
     assert "new / base:" in result.stdout
 
 
@@ -32,3 +32,11 @@ def test_bad_checkouts_fail_in_one_line(tmp_path):
     same = _run(f"--base={ROOT}")
     assert same.returncode == 2 and "the same checkout" in same.stderr
     assert _run().returncode == 2
+
+
+def test_a_flag_against_the_same_checkout():
+    result = _run(f"--base={ROOT}", "--xla-flags=--xla_cpu_enable_fast_math=false",
+                  "--what=forward", "--variant=Ti", "--batch=1", "--reps=1", "--seconds=0.05")
+    assert result.returncode == 0, result.stderr[-2000:]
+    new = next(line for line in result.stdout.splitlines() if "new: vitjax" in line)
+    assert new.endswith("--xla_cpu_enable_fast_math=false'")
