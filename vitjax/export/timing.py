@@ -110,15 +110,20 @@ def serve(run_once: Callable[[], object], items_per_call: int, *, warmup: int = 
         parts = command.split()
         if not parts or parts[0] == "quit":
             return
-        seconds = float(parts[1])
-        calls, start = 0, time.perf_counter()
-        while True:
-            run_once()
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                break
+        calls, elapsed = timed_calls(run_once, float(parts[1]))
         _send("result", calls=calls, elapsed=elapsed)
+
+
+def timed_calls(run_once: Callable[[], object], seconds: float) -> tuple[int, float]:
+    """Calls `run_once` (blocking) again and again until `seconds` have passed, at least once;
+    returns (calls, elapsed seconds)."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        run_once()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return calls, elapsed
 
 
 def alternate(workers: Sequence[Worker], reps: int, seconds: float) -> dict[str, list[float]]:
