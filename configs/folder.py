@@ -3,12 +3,16 @@
     python -m vitjax.main --config=configs/folder.py:root=/data/flowers,image_size=224 \
         --workdir=runs/flowers
 
-Classes come from the data: the class subfolders of DIR/train (sorted names are the label ids;
-val/ may lack a class but must not add one). The model is DeiT-Ti/16 at `image_size` (a
-multiple of the patch size), trained from scratch with the DeiT recipe for `epochs` passes over
-DIR/train, unless --config.init.checkpoint points at DeiT/timm weights. The search's hold-out
-is up to 10 images per class of train/, kept out of training. How well it does depends on the
-folder; the run's report.md says what it reached.
+The whole compression pipeline, as the DeiT configs run it (pretrain, score, criteria, search,
+ablation, prune, finetune, export, compare when asked, report), on your images. Classes come
+from the data: the class subfolders of DIR/train (sorted names are the label ids; at least two;
+val/ may lack a class but must not add one; images in subfolders of a class folder belong to
+it, as in timm's ImageFolder). The model is DeiT-Ti/16 at `image_size` (a multiple of the patch
+size), trained as a supernet from scratch with the DeiT recipe for `epochs` passes over
+DIR/train, unless --config.init.checkpoint points at DeiT/timm weights; the pruned model is
+finetuned with the same recipe. The search's hold-out is up to 10 images per class of train/,
+kept out of training, and its objective is hold-out accuracy minus 0.05 x loss (few images tie
+on accuracy). How well it does depends on the folder; the run's report.md says what it reached.
 
 Argument: comma-separated key=value pairs (or just the root path):
   root        the folder holding train/ and val/ (required; also --config.data.root=...)
@@ -17,6 +21,8 @@ Argument: comma-separated key=value pairs (or just the root path):
   epochs      training length in passes over train/, default 100
   batch_size  global batch, default 128
   train, val  split folder names, default 'train' and 'val'
+  flops       the FLOPs budget as a fraction of the dense model, default 0.6
+  compare     1: also train DynamicViT, block pruning and block + token (default 0)
 
 With root in the argument the class count, the hold-out size and the number of steps are read
 from the folder here; set only through --config.data.root, config.model.num_classes stays -1
@@ -26,16 +32,12 @@ their path; --config.data.skip_bad_images=True leaves them out (and logs how man
 
 import ml_collections
 
+from vitjax.configs import deit_imagenet_config
 from vitjax.data.config import deit_augment_config, folder_data_config, folder_image_counts
-from vitjax.training.config import (
-    default_distributed_config,
-    default_mesh_config,
-    default_train_config,
-)
 
 _DEFAULTS = dict(
     root="", image_size="224", variant="Ti/16", epochs="100", batch_size="128",
-    train="train", val="val",
+    train="train", val="val", flops="0.6", compare="0",
 )
 
 
@@ -62,22 +64,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     counts = folder_image_counts(args["root"], args["train"])
     known = bool(counts) and min(counts.values()) > 0
 
-    config = ml_collections.ConfigDict()
-    config.stages = "pretrain,score,criteria"
-    config.seed = 0
-    # The FLOPs budget T as a fraction of the dense model (0.6: the paper's "40% reduction").
-    config.target_flops_fraction = 0.6
-
-    config.model = ml_collections.ConfigDict(dict(
-        variant=args["variant"],
+    # Every stage and block of the DeiT configs (criteria, search, ablation, prune, finetune,
+    # export, compare, report); the model, the data and the schedule are the folder's.
+    config = deit_imagenet_config(args["variant"], target_flops_fraction=float(args["flops"]),
+                                  compare=args["compare"] not in ("", "0", "false", "False"))
+    config.model.update(
         num_classes=len(counts) if known else -1,  # -1: the number of classes of the data
         image_size=image_size,
-        distilled=False,
         dtype="float32",  # compute dtype; 'bfloat16' on accelerators
         remat=False,  # recompute block activations in the backward pass (saves memory)
-    ))
-    # Start from converted timm/DeiT weights instead of from scratch (path to .pth/.safetensors).
-    config.init = ml_collections.ConfigDict(dict(checkpoint=""))
+    )
 
     holdout = min(10, max(1, min(counts.values()) // 5)) if known else 10
     config.data = folder_data_config(
@@ -92,27 +88,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.num_classes = len(counts)
     config.augment = deit_augment_config()
 
-    config.train = default_train_config()
+    train = config.train  # the DeiT recipe (lr 5e-4 per 512 images, AdamW, cosine)
     train_images = sum(counts.values()) - holdout * len(counts) if known else 0
     steps_per_epoch = max(1, train_images // batch_size)
-    config.train.steps = int(args["epochs"]) * steps_per_epoch if known else 10_000
-    config.train.batch_size = batch_size
-    config.train.eval_batch_size = batch_size
-    config.train.lr = 5e-4
-    config.train.lr_base_batch = 512  # DeiT: lr 5e-4 per 512 images
-    config.train.warmup_steps = (
-        min(5 * steps_per_epoch, config.train.steps // 10) if known else 500
-    )
-    config.train.drop_path = 0.1
-    config.train.target_tol = 0.1
-    config.train.token_mode = "attention"
-    config.train.score_every = max(250, config.train.steps // 20)
-    config.train.log_every = 100
-    config.train.eval_every = max(500, config.train.steps // 10)
-    config.train.ckpt_every = 1000
-    config.mesh = default_mesh_config()
-    config.distributed = default_distributed_config()
-
-    # HSIC scoring (Sec. 3.2), as configs/digits.py: the authors' released kernel choice.
-    config.score = ml_collections.ConfigDict(dict(preset="authors_code", batch_size=256))
+    train.steps = int(args["epochs"]) * steps_per_epoch if known else 10_000
+    train.batch_size = batch_size
+    train.eval_batch_size = batch_size
+    train.warmup_steps = min(5 * steps_per_epoch, train.steps // 10) if known else 500
+    train.score_every = max(250, train.steps // 20)
+    train.log_every = 100
+    train.eval_every = max(500, train.steps // 10)
+    train.ckpt_every = 1000
+    # The hold-out is at most 10 images per class: sub-networks near the budget often tie on
+    # accuracy, and the loss breaks the ties (as configs/digits.py).
+    config.search.update(objective="accuracy_minus_loss", loss_weight=0.05)
+    config.score.batch_size = min(256, max(batch_size, 32))
     return config

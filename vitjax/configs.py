@@ -119,11 +119,21 @@ def compare_config(*methods: str, steps: int | None = None) -> ml_collections.Co
 
 def finetune_config(**train_overrides) -> ml_collections.ConfigDict:
     """`config.finetune`: keys of config.train to override for finetuning the pruned model
-    (same recipe by default, Sec. 4), plus logit distillation from the dense supernet."""
+    (same recipe by default, Sec. 4), plus logit distillation from the dense supernet.
+
+    Every key of config.train is here, as a typed placeholder (None: config.train's value) unless
+    given, so that any of them can be set from the command line, e.g.
+    --config.finetune.steps=3 on a config that keeps the whole training recipe."""
+    from vitjax.training.config import default_train_config
+
+    train = default_train_config()
+    fields = {key: ml_collections.config_dict.placeholder(train.get_ref(key).get_type())
+              for key in train}
+    fields.update(train_overrides)
     return ml_collections.ConfigDict(dict(
         distill=0.0,  # weight of the KL to the dense supernet's logits; 0: off (the paper)
         temperature=1.0,  # distillation temperature
-        **train_overrides,
+        **fields,
     ))
 
 

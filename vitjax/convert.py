@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vitjax.interop import files
 from vitjax.interop.native import NATIVE_SUFFIXES, is_native, load_native, save_native
-from vitjax.interop.timm import load_timm, save_timm
+from vitjax.interop.timm import CheckpointMismatchError, load_timm, save_timm
 
 _TIMM_OUT = (files.SAFETENSORS_SUFFIX, *files.TORCH_SUFFIXES)
 
@@ -93,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         print(convert(args))
+    except CheckpointMismatchError as err:
+        print(f"error: {err.details} (pass --non-strict to convert anyway)", file=sys.stderr)
+        return 2
     except (ValueError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -58,6 +58,8 @@ def main(argv):
 
 def _one_line(error: BaseException | str) -> str:
     """The message of an exception on one line (config loaders raise multi-line ones)."""
+    while isinstance(error, Exception) and error.args and isinstance(error.args[0], KeyError):
+        error = error.args[0]  # ml_collections: AttributeError(KeyError(...)) for a.b.c=
     if isinstance(error, KeyError) and error.args:  # ml_collections: "'key'\nDid you mean..."
         first, *rest = str(error.args[0]).splitlines() or [""]
         lines = [f"no config field {first.strip(chr(39))!r}", *rest]

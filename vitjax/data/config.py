@@ -136,10 +136,11 @@ def folder_image_counts(root: str, split: str = "train") -> dict[str, int] | Non
         return None
     counts = {}
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-        if entry.is_dir():
-            counts[entry.name] = sum(
-                f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(entry.path)
-            )
+        if entry.is_dir():  # images in subfolders of a class folder count, as the reader's
+            counts[entry.name] = 0
+            for _, subfolders, files in os.walk(entry.path):
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+                counts[entry.name] += sum(f.lower().endswith(IMAGE_EXTENSIONS) for f in files)
     return counts
 
 

@@ -121,6 +121,19 @@ def _image_files(path: str) -> list[str]:
     return sorted(f for f in tf.io.gfile.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
+def _image_files_below(path: str) -> list[str]:
+    """The image files in `path` and every folder below it (not hidden ones), as paths
+    relative to `path`, sorted: a class folder may be organised in subfolders, as timm's and
+    torchvision's ImageFolder read it."""
+    found = []
+    for folder, subfolders, files in tf.io.gfile.walk(path):
+        subfolders[:] = sorted(d for d in subfolders if not d.rstrip("/").startswith("."))
+        relative = os.path.relpath(folder, path)
+        found += [os.path.normpath(os.path.join(relative, f)) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
 def _layout(root: str, split: str = "<split>") -> str:
     return os.path.join(root, split, "<class>", "<image>.jpg")
 
@@ -198,7 +211,7 @@ def folder_source(
         class_dir = os.path.join(split_dir, name)
         if not tf.io.gfile.isdir(class_dir):
             continue
-        for file in _image_files(class_dir):
+        for file in _image_files_below(class_dir):
             paths.append(os.path.join(class_dir, file))
             labels.append(label)
     if not paths:
@@ -216,6 +229,11 @@ def folder_source(
         paths, labels = [paths[i] for i in keep], labels[keep]
         if not paths:
             raise UserError(f"none of the {len(skipped)} images in {split_dir} can be decoded")
+    if is_train and len(classes) < 2:
+        raise UserError(
+            f"{split_dir} has one class folder ({classes[0]!r}): a classifier needs at least "
+            f"two classes, one folder each ({os.path.join(split_dir, '<class>', '<image>.jpg')})"
+        )
     if is_train:
         empty = [name for c, name in enumerate(classes) if not np.any(labels == c)]
         if empty:

@@ -399,7 +399,7 @@ def params_from_timm(
             + "; ".join(problems)
         )
         if strict:
-            raise ValueError(message + " (pass strict=False to load anyway)")
+            raise CheckpointMismatchError(message)
         logger.warning("%s; ignoring unknown keys, missing ones keep a fresh init", message)
         if missing:
             fresh = jax.jit(lambda key: model.init(key, images)["params"])(jax.random.PRNGKey(0))
@@ -439,6 +439,15 @@ def _replace_head(state: dict[str, np.ndarray], config: ViTConfig, num_classes: 
         f"a zero-initialised {num_classes}-class head" if num_classes else "no head (features)",
     )
     return dataclasses.replace(config, num_classes=num_classes)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensor names do not fit the inferred architecture; `details` names them
+    (callers add how to load anyway: strict=False here, --non-strict in vitjax.convert)."""
+
+    def __init__(self, details: str):
+        super().__init__(details + " (pass strict=False to load anyway)")
+        self.details = details
 
 
 def load_timm(

@@ -62,8 +62,11 @@ class SearchLog:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                raise UserError(f"search log {self.path} line {number} is not JSON; it is "
-                                "damaged: delete it to start the search afresh") from None
+                fix = ("delete that line and rerun (the search redoes what it recorded, "
+                       "every other record is kept)" if records else
+                       "it is the header: delete the file to start the search afresh")
+                raise UserError(f"search log {self.path} line {number} is not JSON; "
+                                f"{fix}") from None
         if tail and self.is_writer:
             good = "".join(line + "\n" for line in complete)
             if _is_local(self.path):

@@ -42,15 +42,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = train.get(key)
         _require(value is None or int(value) > 0,
                  f"config.train.{key}={value}: must be a positive number of images")
-    warmup = int(train.get("warmup_steps", 0) or 0)
-    _require(warmup >= 0, f"config.train.warmup_steps={warmup} must be >= 0")
-    if warmup >= steps:
-        clamped = steps // 10
-        logging.warning("config.train.warmup_steps=%d is not below train.steps=%d; using %d "
-                        "(a tenth of the run)", warmup, steps, clamped)
-        print(f"[vitjax] warning: train.warmup_steps={warmup} >= train.steps={steps}; "
-              f"warming up for {clamped} steps instead", flush=True)
-        train.warmup_steps = clamped
+    _clamp_warmup(train, "train", steps, int(train.get("warmup_steps", 0) or 0))
+    finetune = config.get("finetune")
+    if finetune is not None:  # unset keys are config.train's
+        given = finetune.get("steps")
+        finetune_steps = int(steps if given is None else given)
+        _require(finetune_steps > 0, f"config.finetune.steps={finetune_steps}: finetuning "
+                 "needs at least one step")
+        warmup = finetune.get("warmup_steps")
+        _clamp_warmup(finetune, "finetune", finetune_steps,
+                      int(train.warmup_steps if warmup is None else warmup))
     token_mode = train.get("token_mode", "attention")
     _require(token_mode in TOKEN_MODES,
              f"config.train.token_mode={token_mode!r}: choose one of {', '.join(TOKEN_MODES)}")
@@ -81,6 +82,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         _require(0 < float(fraction) < 1,
                  f"config.target_flops_fraction={fraction}: the FLOPs budget is a fraction of "
                  "the dense model in (0, 1), e.g. 0.6 for the paper's 40% reduction")
+
+
+def _clamp_warmup(block, name: str, steps: int, warmup: int) -> None:
+    """A warmup as long as the run (e.g. a shortened run from the command line) becomes a
+    tenth of the run, with a warning, instead of failing in the learning-rate schedule."""
+    _require(warmup >= 0, f"config.{name}.warmup_steps={warmup} must be >= 0")
+    if warmup < steps:
+        return
+    clamped = steps // 10
+    logging.warning("config.%s.warmup_steps=%d is not below %s.steps=%d; using %d (a tenth of "
+                    "the run)", name, warmup, name, steps, clamped)
+    print(f"[vitjax] warning: {name}.warmup_steps={warmup} >= {name}.steps={steps}; "
+          f"warming up for {clamped} steps instead", flush=True)
+    block.warmup_steps = clamped
 
 
 def check_target(model_config, target_gmacs: float | None, dense_gmacs: float) -> None:
@@ -149,6 +164,7 @@ def stage_config(config: ml_collections.ConfigDict, sections: Iterable[str]) -> 
 
 
 def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """'key: old -> new' for every key whose value differs."""
+    """'key: old -> new' for every key whose value differs (a key absent on one side equals
+    None on the other: a placeholder added to a config block later is unset)."""
     return [f"{k}: {recorded.get(k, '<unset>')!r} -> {current.get(k, '<unset>')!r}"
             for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]

@@ -16,16 +16,25 @@ from vitjax.stages.prune import PRUNED_FILE, parameter_count, save_model
 
 FINETUNED_FILE = "finetuned.safetensors"
 _LOSS_KEYS = ("distill", "temperature")
+# Keys of config.train that only policy sampling reads; finetuning sets them itself.
+SUPERNET_ONLY_KEYS = ("sample_policies", "sandwich", "target_gmacs", "target_tol",
+                      "score_every", "token_mode")
 
 
 def finetune_config(ctx: Context):
     """config with config.train replaced by the finetuning recipe (no policy sampling)."""
     config = ctx.config.copy_and_resolve_references()
-    overrides = dict(ctx.config.get("finetune", {}))
+    # Unset (None) keys keep config.train's value.
+    overrides = {k: v for k, v in dict(ctx.config.get("finetune", {})).items() if v is not None}
     unknown = sorted(set(overrides) - set(config.train) - set(_LOSS_KEYS))
     if unknown:
         raise UserError(f"config.finetune has unknown keys {unknown}; it overrides keys of "
                         "config.train (steps, lr, warmup_steps, ...) plus distill, temperature")
+    supernet_only = sorted(set(overrides) & set(SUPERNET_ONLY_KEYS))
+    if supernet_only:
+        raise UserError(f"config.finetune sets {supernet_only}, which only the supernet's "
+                        "training uses: finetuning trains the pruned model itself, without "
+                        "policies; leave them unset")
     config.train.update({k: v for k, v in overrides.items() if k not in _LOSS_KEYS})
     config.train.sample_policies = False
     config.train.target_gmacs = None

@@ -13,6 +13,7 @@ import os
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -43,7 +44,26 @@ def chosen_policy(ctx: Context):
         policy = Policy.from_json(path.read_text()).validate(ctx.model_config)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"policy from {source} is invalid: {e}") from None
+    for problem in policy_warnings(ctx, policy):
+        print(f"[vitjax] prune: warning: the policy from {source} {problem}", flush=True)
     return policy, source
+
+
+def policy_warnings(ctx: Context, policy) -> list[str]:
+    """What makes a valid policy unlikely to be what the user wants: a cost above the FLOPs
+    budget, or no attention left at all."""
+    from vitjax.pruning import count_flops
+
+    problems = []
+    gmacs, target = count_flops(ctx.model_config, policy).total, ctx.target_gmacs
+    if target is not None and gmacs > target * (1 + 1e-6):
+        problems.append(f"costs {gmacs:.4g} GMACs, above the FLOPs budget of {target:.4g} "
+                        f"({gmacs / ctx.dense_gmacs:.1%} vs {target / ctx.dense_gmacs:.1%} of "
+                        "dense, config.target_flops_fraction)")
+    if not policy.keep_counts(ctx.model_config).head.any():
+        problems.append("removes every attention head: the class token never sees the image, "
+                        "so every image gets the same prediction")
+    return problems
 
 
 def parameter_count(params) -> int:
@@ -59,6 +79,28 @@ def save_model(path: epath.Path, config, params) -> None:
         save_native(local, config, params)
         epath.Path(local).copy(path.parent / (path.name + ".tmp"), overwrite=True)
         (path.parent / (path.name + ".tmp")).replace(path)
+
+
+def compare_with_masked(model_config, supernet, masks, pruned_config, pruned_params,
+                        images) -> tuple[float, float]:
+    """(max |masked supernet logits - pruned model logits|, the allowed difference).
+
+    Both models run in float32 with full-precision matmuls whatever config.model.dtype says:
+    the check is of the tree surgery (which rows and columns were kept), not of rounding. In
+    bfloat16 the two models round differently (the masked one sums over zeroed entries, the
+    pruned one over fewer), which differs by ~1e-2 of the logits' scale, so any tolerance a
+    bfloat16 run could meet would also pass a wrongly kept neuron; and TPUs and GPUs
+    (TF32) run float32 matmuls at reduced precision by default."""
+    from vitjax.models import ViT
+
+    with jax.default_matmul_precision("highest"):
+        masked, _ = jax.jit(ViT(model_config, dtype=jnp.float32).apply)(
+            {"params": supernet}, images, masks)
+        pruned, _ = jax.jit(ViT(pruned_config, dtype=jnp.float32).apply)(
+            {"params": pruned_params}, images)
+    masked, pruned = np.asarray(masked, np.float64), np.asarray(pruned, np.float64)
+    tolerance = 1e-3 * max(1.0, float(np.abs(masked).max()))
+    return float(np.abs(masked - pruned).max()), tolerance
 
 
 def run(ctx: Context) -> dict:
@@ -85,11 +127,14 @@ def run(ctx: Context) -> dict:
     images = batch["image"][: max(int(batch["mask"].sum()), 1)]
     masks = masks_from_ranks(ctx.model_config, ranks, policy.keep_counts(ctx.model_config),
                              ctx.token_mode)
-    masked_logits, _ = jax.jit(ctx.model().apply)({"params": supernet}, images, masks)
-    pruned_logits, _ = jax.jit(ctx.model(pruned_config).apply)({"params": pruned_params}, images)
-    max_diff = float(np.abs(np.asarray(masked_logits) - np.asarray(pruned_logits)).max())
-    if max_diff > 1e-3 * max(1.0, float(np.abs(np.asarray(masked_logits)).max())):
-        raise RuntimeError(f"pruned model differs from the masked supernet by {max_diff}")
+    max_diff, tolerance = compare_with_masked(ctx.model_config, supernet, masks, pruned_config,
+                                              pruned_params, images)
+    if max_diff > tolerance:
+        raise UserError(
+            f"the pruned model's logits differ from the masked supernet's by {max_diff:.3g} "
+            f"(allowed {tolerance:.3g}, both in float32) on {len(images)} images: pruning "
+            f"this policy ({source}) is wrong, a bug in vitjax to report; nothing was written "
+            "and the results of the earlier stages are kept")
 
     accuracy = {}
     for name in ctx.datasets.eval_names:

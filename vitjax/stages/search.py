@@ -11,6 +11,8 @@ authors'-code baselines at the same evaluation budget (paper Table 5) into log_<
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from vitjax import workdir as workdir_lib
@@ -18,6 +20,7 @@ from vitjax.errors import UserError
 from vitjax.stages.context import Context
 
 _OBJECTIVES = ("accuracy", "accuracy_minus_loss")
+SECONDS_FILE = "seconds.json"  # the search time of earlier, killed runs (SearchClock)
 
 
 def make_objective(ctx: Context, params, ranks, *, split: str = "holdout"):
@@ -59,6 +62,57 @@ def _sync(u: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(u))
 
 
+class SearchClock:
+    """Seconds each method's search spent, over every run of the stage: a killed search
+    resumes from its log without re-evaluating, and without this record its summary would
+    count only the time since the resume. search/seconds.json holds the estimate (wall time
+    less time in the objective) up to the last progress line of the earlier runs."""
+
+    def __init__(self, path, is_writer: bool):
+        self.path, self.is_writer = path, is_writer
+        try:
+            self.earlier = workdir_lib.read_json(path) if path.exists() else {}
+        except (ValueError, OSError):  # a torn write: the earlier time is unknown, not fatal
+            self.earlier = {}
+        self.totals: dict = {}
+        self.method, self.started, self.objective_seconds = None, 0.0, 0.0
+
+    def timed(self, objective):
+        def timed_objective(policies):
+            tick = time.perf_counter()
+            try:
+                return objective(policies)
+            finally:
+                self.objective_seconds += time.perf_counter() - tick
+        return timed_objective
+
+    def _earlier(self, method) -> dict:
+        return {"overhead_seconds": 0.0, "objective_seconds": 0.0,
+                **self.earlier.get(method, {})}
+
+    def start(self, method: str) -> None:
+        self.method, self.started, self.objective_seconds = method, time.perf_counter(), 0.0
+
+    def save(self) -> None:
+        if self.method is None or not self.is_writer:
+            return
+        earlier = self._earlier(self.method)
+        wall = time.perf_counter() - self.started
+        self.totals[self.method] = {
+            "overhead_seconds": earlier["overhead_seconds"] + wall - self.objective_seconds,
+            "objective_seconds": earlier["objective_seconds"] + self.objective_seconds}
+        workdir_lib.write_json(self.path, {**self.earlier, **self.totals})
+
+    def finish(self, result) -> None:
+        """The method's totals: this run's measured times plus the earlier runs'."""
+        earlier = self._earlier(self.method)
+        self.totals[self.method] = {
+            "overhead_seconds": earlier["overhead_seconds"] + result.overhead_seconds,
+            "objective_seconds": earlier["objective_seconds"] + result.objective_seconds,
+            "resumed": self.method in self.earlier}
+        self.method = None
+
+
 def target_gmacs(ctx: Context) -> float:
     explicit = ctx.config.search.get("target_gmacs")
     target = float(explicit) if explicit is not None else ctx.target_gmacs
@@ -78,10 +132,12 @@ def run(ctx: Context) -> dict:
     space = SearchSpace.from_config(block.space, ctx.model_config.depth)
     target = target_gmacs(ctx)
     params = ctx.load_supernet(replicate=True)
-    objective = make_objective(ctx, params, ctx.ranks())
+    clock = SearchClock(out / SECONDS_FILE, ctx.is_main)
+    objective = clock.timed(make_objective(ctx, params, ctx.ranks()))
 
     def progress(line: str) -> None:
         print(f"[vitjax] search: {line}", flush=True)
+        clock.save()
 
     results = {}
     methods = [settings.method] + [m for m in block.get("baselines", ()) or ()
@@ -91,11 +147,13 @@ def run(ctx: Context) -> dict:
         if method != settings.method:
             progress(f"baseline '{method}' at the same budget ({settings.population} + "
                      f"{settings.iterations} x {settings.q} evaluations)")
+        clock.start(method)
         results[method] = run_search(
             objective, ctx.model_config, target, space=space, settings=settings,
             log_path=out / name, is_writer=ctx.is_main, sync=_sync, progress=progress,
             method=method,
         )
+        clock.finish(results[method])
     result = results[settings.method]
     low, median, high = result.initial_spread
     holdout = ctx.datasets.eval_size("holdout")
@@ -116,8 +174,7 @@ def run(ctx: Context) -> dict:
         "best_policy": result.best_policy.to_dict(), "evaluations": len(result.history),
         "initial_spread": [low, median, high], "holdout_images": holdout,
         "methods": {m: {"best_value": r.best_value, "best_gmacs": r.best_gmacs,
-                        "evaluations": len(r.history), "overhead_seconds": r.overhead_seconds,
-                        "objective_seconds": r.objective_seconds}
+                        "evaluations": len(r.history), **clock.totals[m]}
                     for m, r in results.items()},
     }
 

@@ -1,0 +1,65 @@
+"""The rehearsal (benchmarks/rehearse.py) of the cheap shipped configs: each one as a user runs
+it (`python -m vitjax.main --config=configs/...`), every stage it lists, at its own model shapes
+and dtype, on generated data, a few steps each. `python benchmarks/rehearse.py` runs all of
+them, DeiT-S and DeiT-B included.
+
+Here, besides the rehearsal's own shrinking, the ablation searches one combination and one
+budget (instead of 6 + 3 or 4), and the run uses one of the 8 fake devices (the sharded paths
+are tested elsewhere; 8 fake devices on two cores only slow the compiles down).
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("rehearse", REPO / "benchmarks" / "rehearse.py")
+rehearse = importlib.util.module_from_spec(_spec)
+sys.modules["rehearse"] = rehearse
+_spec.loader.exec_module(rehearse)
+
+SUITE_EXTRA = {"mesh.data": 1, "ablation.dimensions": "('head+neuron+token',)",
+               "ablation.budgets": "(0.5,)"}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return rehearse.make_image_folder(tmp_path_factory.mktemp("rehearsal") / "images")
+
+
+# digits: the embedded default; folder: a user's images (DeiT-Ti/16, 224 px, float32);
+# deit_ti: DeiT-Ti/16 as shipped (bfloat16, 224 px, 197 tokens), 2 images per batch.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits", "folder", "deit_ti"])
+def test_shipped_config_runs_every_stage_at_its_own_shapes(tmp_path, image_folder, name):
+    rehearsal = rehearse.REHEARSALS[name]
+    result = rehearse.run_one(rehearsal, tmp_path / "run", image_folder, SUITE_EXTRA,
+                              echo=lambda line: None)
+    log = (tmp_path / "run" / "output.log").read_text()
+    assert result["ok"], result["problem"] + "\n" + log[-3000:]
+    assert "Traceback" not in log
+    config = rehearse._load_config(rehearsal, image_folder)
+    if name != "digits":  # the shapes and dtype the config ships with reached the model
+        from vitjax.workdir import read_json
+
+        arch = read_json(tmp_path / "run" / "prune" / "DONE.json")
+        assert arch["dense_gmacs"] > 1.0  # a 224 px DeiT-Ti, not a shrunk model (1.26 GMACs)
+        assert config.model.image_size == 224
+    expected_dtype = "bfloat16" if name == "deit_ti" else "float32"
+    assert config.model.dtype == expected_dtype
+    stages = [s for s in str(config.stages).split(",") if s]
+    assert len(stages) == 10  # every stage of the pipeline
+    for stage in stages:
+        assert f"[vitjax] {stage} (" in log
+
+
+def test_rehearsals_keep_model_shapes_and_dtype():
+    """The overrides shrink steps, batches, searches and sizes of data, never the model."""
+    for rehearsal in rehearse.REHEARSALS.values():
+        for key, _ in rehearsal.overrides:
+            assert not key.startswith("model.") or key == "model.num_classes", (rehearsal, key)
+    assert set(rehearse.REHEARSALS) >= {"digits", "digits_study", "folder", "deit_ti",
+                                        "deit_s:flops=0.4", "deit_b"}
+    assert list(rehearse.REHEARSALS)[-1] == "deit_b"  # the slowest last
