@@ -160,6 +160,7 @@ def run_one(rehearsal: Rehearsal, workdir: Path, folder: str, extra: dict,
         try:
             for line in process.stdout:
                 log.write(line)
+                log.flush()
                 lines.append(line)
                 if line.startswith(("[vitjax]", "error:", "Traceback")):
                     echo(f"    {line.rstrip()}")
@@ -192,8 +193,9 @@ def _workdir_name(name: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", help="rehearsals to run (default: all); a config "
-                        "file's name without argument runs every rehearsal of that file")
+    parser.add_argument("names", nargs="*", help="rehearsals to run (default: all); the name "
+                        "of a config file that is not a rehearsal's name (deit_s) runs every "
+                        "rehearsal of that file")
     parser.add_argument("--list", action="store_true", help="print the rehearsals and exit")
     parser.add_argument("--workdir", help="where the runs go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the workdirs of passed runs")
@@ -208,8 +210,8 @@ def main(argv=None) -> int:
         return 0
     chosen = []
     for name in args.names or list(REHEARSALS):
-        matches = [r for r in REHEARSALS.values() if r.name == name or
-                   (":" not in name and r.config == f"{name}.py")]
+        matches = [REHEARSALS[name]] if name in REHEARSALS else [
+            r for r in REHEARSALS.values() if r.config == f"{name}.py"]
         if not matches:
             parser.error(f"unknown rehearsal {name!r}; --list shows them")
         chosen += [r for r in matches if r not in chosen]

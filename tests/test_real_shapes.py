@@ -308,3 +308,31 @@ def test_a_resumed_search_reports_the_time_of_every_run(tmp_path):
     fresh.finish(SimpleNamespace(overhead_seconds=1.0, objective_seconds=2.0))
     assert fresh.totals["gp"] == {"overhead_seconds": 1.0, "objective_seconds": 2.0,
                                   "resumed": False}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ai_edge_litert") is None,
+                    reason="needs the 'export' extra (LiteRT)")
+def test_bfloat16_model_exports_float32_tflite_and_bfloat16_jax(tmp_path):
+    """LiteRT cannot convert bfloat16 transposes (a ConverterError traceback at the export
+    stage of every DeiT config): TFLite/ONNX artifacts come from the float32 model."""
+    from vitjax.interop import save_native
+    from vitjax.models import init_params
+    from vitjax.stages import export
+    from vitjax.stages.context import Context
+    from vitjax.workdir import write_json
+
+    config = tiny_digits()
+    config.model.dtype = "bfloat16"
+    config.export.formats = "jax,tflite"
+    ctx = Context(config, tmp_path)
+    params = jax.device_get(init_params(ctx.model(), jax.random.key(0)))
+    params["head"]["kernel"] = np.random.default_rng(0).normal(
+        size=params["head"]["kernel"].shape).astype(np.float32)  # logits that are not all 0
+    (tmp_path / "prune").mkdir()
+    save_native(tmp_path / "prune" / "pruned.safetensors", ctx.model_config, params)
+    write_json(tmp_path / "prune" / "DONE.json", {})
+    summary = export.run(ctx)
+    formats = summary["formats"]
+    assert formats["jax"]["compute_dtype"] == "bfloat16" and formats["jax"]["ok"]
+    assert formats["tflite"]["compute_dtype"] == "float32" and formats["tflite"]["ok"]
+    assert (tmp_path / "export" / "model_b1.tflite").exists()

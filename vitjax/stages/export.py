@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import jax.numpy as jnp
+
 from vitjax.errors import UserError
 from vitjax.stages.context import Context, local_copy
 
@@ -62,8 +64,21 @@ def run(ctx: Context) -> dict:
     batch = next(iter(ctx.eval_batches(split)()))
     images = batch["image"][: max(int(batch["mask"].sum()), 1)]
     out = ctx.stage_dir("export")
-    summary = export_all(ctx.model(config), params, out, formats, images,
-                         strict=bool(ctx.config.get("export", {}).get("strict", True)))
+    strict = bool(ctx.config.get("export", {}).get("strict", True))
+    model = ctx.model(config)
+    # onnxruntime and LiteRT run float32 on CPUs and phones (LiteRT cannot even convert
+    # bfloat16 transposes): those artifacts come from the float32 model and are verified
+    # against it; the jax.export artifact keeps the configured compute dtype.
+    float32 = [f for f in formats if f != "jax" and jnp.dtype(model.dtype) != jnp.float32]
+    summary: dict = {}
+    for group, group_model in ((([f for f in formats if f not in float32]), model),
+                               (float32, model.clone(dtype=jnp.float32))):
+        if group:
+            part = export_all(group_model, params, out, group, images, strict=strict)
+            formats_done = {**summary.get("formats", {}), **part["formats"]}
+            for result in part["formats"].values():
+                result["compute_dtype"] = jnp.dtype(group_model.dtype).name
+            summary = {**part, "formats": formats_done}
     for fmt, result in summary["formats"].items():
         diffs = ", ".join(f"batch {b}: {d:.1e}" for b, d in result["max_abs_diff"].items())
         print(f"[vitjax] export: {fmt} {sorted(result['files'])} max |logit diff| {diffs}",
