@@ -153,7 +153,7 @@ def run_one(rehearsal: Rehearsal, workdir: Path, folder: str, extra: dict,
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     started = time.perf_counter()
     problem = ""
-    with open(workdir / "output.log", "w") as log:
+    with open(workdir / "output.log", "a") as log:  # a resumed run appends
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
         lines = []
@@ -199,6 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="print the rehearsals and exit")
     parser.add_argument("--workdir", help="where the runs go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the workdirs of passed runs")
+    parser.add_argument("--resume", action="store_true", help="rerun in the existing workdirs "
+                        "(finished stages are skipped, as a user's rerun does)")
     parser.add_argument("--timeout", type=float, help="seconds per rehearsal before it is killed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="one more --config.KEY=VALUE for every rehearsal (e.g. mesh.data=1)")
@@ -226,7 +228,7 @@ def main(argv=None) -> int:
     for index, rehearsal in enumerate(chosen, 1):
         print(f"\n[{index}/{len(chosen)}] {rehearsal.name}", flush=True)
         workdir = base / _workdir_name(rehearsal.name)
-        if workdir.exists():
+        if workdir.exists() and not args.resume:
             shutil.rmtree(workdir)
         result = run_one(rehearsal, workdir, folder, extra, args.timeout,
                          echo=lambda s: print(s, flush=True))
