@@ -5,10 +5,14 @@ them, DeiT-S and DeiT-B included.
 
 Here, besides the rehearsal's own shrinking, the ablation searches one combination and one
 budget (instead of 6 + 3 or 4), and the run uses one of the 8 fake devices (the sharded paths
-are tested elsewhere; 8 fake devices on two cores only slow the compiles down).
+are tested elsewhere; 8 fake devices on two cores only slow the compiles down). The suite runs
+digits and configs/folder.py at its quick-trial argument (variant=mu/4, 32 px); folder and
+DeiT-Ti at 224 px only with VITJAX_REHEARSAL_FULL=1 (they take minutes even on idle cores).
 """
 
+import dataclasses
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -29,26 +33,37 @@ def image_folder(tmp_path_factory):
     return rehearse.make_image_folder(tmp_path_factory.mktemp("rehearsal") / "images")
 
 
+FULL = os.environ.get("VITJAX_REHEARSAL_FULL") == "1"
+_full_only = pytest.mark.skipif(not FULL, reason=(
+    "a 224 px DeiT-Ti compiles ~15 programs: minutes on 2 idle cores, half an hour under load; "
+    "set VITJAX_REHEARSAL_FULL=1 or run python benchmarks/rehearse.py deit_ti folder"))
+# The folder config at its quick-trial argument (the model its docstring suggests for a trial).
+QUICK_FOLDER = dataclasses.replace(rehearse.REHEARSALS["folder"], name="folder:quick",
+                                   argument="root={folder},variant=mu/4,image_size=32,"
+                                            "epochs=1,batch_size=4")
+
+
 # digits: the embedded default; folder: a user's images (DeiT-Ti/16, 224 px, float32);
 # deit_ti: DeiT-Ti/16 as shipped (bfloat16, 224 px, 197 tokens), 2 images per batch.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["digits", "folder", "deit_ti"])
+@pytest.mark.parametrize("name", ["digits", "folder:quick",
+                                  pytest.param("folder", marks=_full_only),
+                                  pytest.param("deit_ti", marks=_full_only)])
 def test_shipped_config_runs_every_stage_at_its_own_shapes(tmp_path, image_folder, name):
-    rehearsal = rehearse.REHEARSALS[name]
+    rehearsal = QUICK_FOLDER if name == "folder:quick" else rehearse.REHEARSALS[name]
     result = rehearse.run_one(rehearsal, tmp_path / "run", image_folder, SUITE_EXTRA,
                               echo=lambda line: None)
     log = (tmp_path / "run" / "output.log").read_text()
     assert result["ok"], result["problem"] + "\n" + log[-3000:]
     assert "Traceback" not in log
     config = rehearse._load_config(rehearsal, image_folder)
-    if name != "digits":  # the shapes and dtype the config ships with reached the model
+    if name in ("folder", "deit_ti"):  # the shapes the config ships with reached the model
         from vitjax.workdir import read_json
 
-        arch = read_json(tmp_path / "run" / "prune" / "DONE.json")
-        assert arch["dense_gmacs"] > 1.0  # a 224 px DeiT-Ti, not a shrunk model (1.26 GMACs)
+        prune = read_json(tmp_path / "run" / "prune" / "DONE.json")
+        assert prune["dense_gmacs"] > 1.0  # a 224 px DeiT-Ti (1.26 GMACs), not a shrunk one
         assert config.model.image_size == 224
-    expected_dtype = "bfloat16" if name == "deit_ti" else "float32"
-    assert config.model.dtype == expected_dtype
+    assert config.model.dtype == ("bfloat16" if name == "deit_ti" else "float32")
     stages = [s for s in str(config.stages).split(",") if s]
     assert len(stages) == 10  # every stage of the pipeline
     for stage in stages:
