@@ -117,13 +117,97 @@ class DenseParams(nn.Module):
 # weight-sized multiply. Masks are 0/1, so masking a weight row is exactly masking the input.
 
 
+# Attention implementations (`ViT.attention`, `config.model.attention`).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")
+# Checkpointing policies of `ViT(remat=True)` (`config.model.remat_policy`): 'full' recomputes
+# every activation of a block in the backward pass; 'dots' keeps the outputs of the matmuls
+# against weights (qkv, proj, fc1, fc2: no batch dimensions in the dot) and recomputes only the
+# cheap elementwise work and the attention matmuls, whose [B, H, N, N] results are the large part.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _cudnn_available() -> bool:
+    try:
+        from jax.extend import backend as backend_lib
+
+        backend = backend_lib.get_backend()
+    except Exception:  # noqa: BLE001 - no backend information: no cuDNN either
+        return False
+    return backend.platform == "gpu" and "cuda" in str(backend.platform_version).lower()
+
+
+def resolve_attention(implementation: str, dtype: Any, head_dim: int) -> str:
+    """The attention implementation `implementation` stands for on the default backend.
+
+    'explicit': the einsum attention below, tuned for XLA:CPU; it materialises [B, H, N, N].
+    'xla': `jax.nn.dot_product_attention(implementation='xla')`.
+    'cudnn': the same with cuDNN's fused (flash) attention: NVIDIA GPUs, bfloat16 / float16
+        compute, head size a multiple of 8 up to 128.
+    'auto': 'explicit' on CPU (fastest there, see BUILD_NOTES), 'cudnn' on NVIDIA GPUs where its
+        conditions hold, 'xla' otherwise (TPU, float32 on GPU).
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={implementation!r}: choose one of "
+                         f"{list(ATTENTION_IMPLEMENTATIONS)}")
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if implementation == "cudnn" and not half:
+        raise ValueError(f"attention='cudnn' needs bfloat16 or float16 compute, the model "
+                         f"computes in {jnp.dtype(dtype).name}; use attention='auto' or 'xla' "
+                         "(or config.model.dtype='bfloat16')")
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "explicit"
+    if half and head_dim % 8 == 0 and head_dim <= 128 and _cudnn_available():
+        return "cudnn"
+    return "xla"
+
+
+def class_attention(q_cls: Array, k: Array, alive: Array | None) -> Array:
+    """The class token's attention probabilities [B, H, N] (float32) alone: its query
+    q_cls [B, H, dh] (already scaled) against the keys k [B, N, H, dh], dead keys excluded.
+    What token selection and the criteria read, at 1/N of the cost of the full matrix."""
+    logits = jnp.einsum("bhd,bnhd->bhn", q_cls, k, preferred_element_type=jnp.float32)
+    if alive is not None:
+        logits = jnp.where(alive[:, None, :], logits, _NEG_INF)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def fused_attention(q: Array, k: Array, v: Array, alive: Array | None,
+                    implementation: str) -> Array:
+    """softmax(q k^T) v per head through `jax.nn.dot_product_attention`; q, k, v [B, N, H, dh]
+    with the query already scaled; alive [B or 1, N]: keys that take part (None: all)."""
+    if alive is None:
+        return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation)
+    batch, n = q.shape[0], q.shape[1]
+    alive = jnp.broadcast_to(alive, (batch, n))
+    if implementation != "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=alive[:, None, None, :], scale=1.0,
+                                            implementation=implementation)
+    # cuDNN takes a mask as a bias of shape [B, 1, T, S], and in training only with an even
+    # sequence length: pad one dead key/query (197 tokens -> 198) and drop its row after.
+    pad = n % 2
+    if pad:
+        q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+        alive = jnp.pad(alive, ((0, 0), (0, pad)))
+    mask = jnp.broadcast_to(alive[:, None, None, :], (batch, 1, n + pad, n + pad))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn")
+    return out[:, :n]
+
+
 class Attention(nn.Module):
     num_heads: int
     head_dim: int
     dtype: Any = jnp.float32
+    implementation: str = "auto"  # see resolve_attention
 
     @nn.compact
     def __call__(self, x, head_mask=None, alive=None):
+        """-> (output [B, N, d], per-head outputs [B, N, H, dh], class attention [B, H, N])."""
         d = x.shape[-1]
         heads_shape = (self.num_heads, self.head_dim)
         qkv_kernel, qkv_bias = DenseParams((d,), (3, *heads_shape), name="qkv")()
@@ -133,17 +217,27 @@ class Attention(nn.Module):
         qkv_kernel = qkv_kernel.astype(self.dtype) * scale
         qkv_bias = qkv_bias.astype(self.dtype) * scale
         qkv = jnp.einsum("bnd,dthk->bnthk", x, qkv_kernel) + qkv_bias
-        # Heads-leading [3, B, H, N, dh]: both attention matmuls are then plain batched matmuls
-        # over (B, H). With [B, N, H, dh] operands XLA:CPU picks transposed operand layouts for
-        # the dots, which ran about 2x slower than this one explicit transpose.
-        q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
-        if alive is not None:
-            # Dropped tokens are no longer keys/values for anybody.
-            logits = jnp.where(alive[:, None, None, :], logits, _NEG_INF)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        heads = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v)
-        heads = jnp.transpose(heads, (0, 2, 1, 3))  # [B, N, H, dh], the layout aux promises
+        implementation = resolve_attention(self.implementation, self.dtype, self.head_dim)
+        if implementation == "explicit":
+            # Heads-leading [3, B, H, N, dh]: both attention matmuls are then plain batched
+            # matmuls over (B, H). With [B, N, H, dh] operands XLA:CPU picks transposed operand
+            # layouts for the dots, which ran about 2x slower than this one explicit transpose.
+            q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
+            logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+            if alive is not None:
+                # Dropped tokens are no longer keys/values for anybody.
+                logits = jnp.where(alive[:, None, None, :], logits, _NEG_INF)
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            heads = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v)
+            heads = jnp.transpose(heads, (0, 2, 1, 3))  # [B, N, H, dh], the layout aux promises
+            cls_attn = probs[:, :, 0, :]
+        else:
+            # The fused kernel never forms the probabilities; the class token's row, which
+            # token selection and the criteria need, is computed on its own (and is dead code,
+            # removed by XLA, where nobody reads it).
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, dh]
+            heads = fused_attention(q, k, v, alive, implementation)
+            cls_attn = class_attention(q[:, 0], k, alive)
         proj_kernel = proj_kernel.astype(self.dtype)
         proj_bias = proj_bias.astype(self.dtype)
         if head_mask is not None:
@@ -152,7 +246,7 @@ class Attention(nn.Module):
             # With every head dropped the sub-block is removed: no projection bias either.
             proj_bias = proj_bias * jnp.any(head_mask > 0).astype(self.dtype)
         out = jnp.einsum("bnhk,hkd->bnd", heads, proj_kernel) + proj_bias
-        return out, heads, probs[:, :, 0, :]
+        return out, heads, cls_attn
 
 
 class Mlp(nn.Module):
@@ -192,6 +286,7 @@ class Block(nn.Module):
     drop_path: float = 0.0
     num_prefix: int = 1
     dtype: Any = jnp.float32
+    attention: str = "auto"  # attention implementation, see resolve_attention
 
     @nn.compact
     def __call__(self, x, alive, masks, train: bool = False, keep_indices=None, keep_count=None):
@@ -205,7 +300,7 @@ class Block(nn.Module):
         head_mask = masks.get("head")
         if self.num_heads:
             attn_out, heads, cls_attn = Attention(
-                self.num_heads, self.head_dim, self.dtype, name="attn"
+                self.num_heads, self.head_dim, self.dtype, self.attention, name="attn"
             )(ln("norm1")(x), head_mask, alive)
             x = x + drop_path_residual(attn_out, self.drop_path, not train, self)
             aux.update(attn_heads=heads, cls_attn=cls_attn)
@@ -286,6 +381,8 @@ class ViT(nn.Module):
     # Recompute each block's activations in the backward pass instead of storing them: less
     # memory for large batches (DeiT-B at 128 images per device), ~30% more compute.
     remat: bool = False
+    remat_policy: str = "full"  # what remat keeps: a key of REMAT_POLICIES
+    attention: str = "auto"  # attention implementation: a value of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images, masks: Masks | None = None, train: bool = False):
@@ -297,6 +394,10 @@ class ViT(nn.Module):
             )
         if masks is not None and cfg.is_pruned:
             raise ValueError("masks select sub-networks of a dense model; this model is pruned")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}: choose one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        resolve_attention(self.attention, self.dtype, cfg.dim_per_head)  # a clear error early
         d = cfg.embed_dim
         x = images.astype(self.dtype)
 
@@ -325,7 +426,10 @@ class ViT(nn.Module):
             elif cfg.layer_tokens is not None:
                 keep_count = cfg.layer_tokens[layer]
             rate = self.drop_path_rate * layer / max(cfg.depth - 1, 1)
-            block = nn.remat(Block, static_argnums=(4, 5, 6)) if self.remat else Block
+            block = Block
+            if self.remat:
+                block = nn.remat(Block, static_argnums=(4, 5, 6),
+                                 policy=REMAT_POLICIES[self.remat_policy])
             x, alive, block_aux = block(
                 num_heads=cfg.heads_at(layer),
                 head_dim=cfg.dim_per_head,
@@ -333,6 +437,7 @@ class ViT(nn.Module):
                 drop_path=rate,
                 num_prefix=cfg.num_prefix_tokens,
                 dtype=self.dtype,
+                attention=self.attention,
                 name=f"blocks_{layer}",
             )(x, alive, layer_masks, train, keep_indices, keep_count)
             blocks_aux.append(block_aux)
