@@ -75,6 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         distilled=False,
         dtype="float32",  # compute dtype; 'bfloat16' on accelerators
         remat=False,  # recompute block activations in the backward pass (saves memory)
+        remat_policy="full",  # with remat: 'full' recomputes all, 'dots' keeps matmul outputs
+        attention="auto",  # 'auto' | 'xla' | 'cudnn' | 'explicit' (see vitjax.models.vit)
     ))
     # Start from converted timm/DeiT weights instead of from scratch (path to .pth/.safetensors).
     config.init = ml_collections.ConfigDict(dict(checkpoint=""))

@@ -143,7 +143,8 @@ def train_dynamicvit(ctx: Context, config: ViTConfig, params, target: float, out
           f"{tuple(round(r, 3) for r in dyn.ratios)}: {dynamicvit_gmacs(config, dyn):.4g} GMACs "
           f"(target {target:.4g})", flush=True)
     recipe = _recipe(ctx)
-    model = DynamicViT(config, dyn, dtype=ctx.model(config).dtype)
+    model = DynamicViT(config, dyn, dtype=ctx.model(config).dtype,
+                       attention=ctx.model(config).attention)
     block = ctx.config.compare
     loss_fn = dynamicvit_loss(
         model, ctx.model(), ratio_weight=float(block.get("ratio_weight", 2.0)),

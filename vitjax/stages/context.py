@@ -112,7 +112,8 @@ class Context:
         drop_path = float(self.config.train.get("drop_path", 0.0)) if train else 0.0
         remat = bool(self.config.model.get("remat", False)) and train
         return ViT(config or self.model_config, drop_path_rate=drop_path, dtype=dtype,
-                   remat=remat)
+                   remat=remat, remat_policy=str(self.config.model.get("remat_policy", "full")),
+                   attention=str(self.config.model.get("attention", "auto")))
 
     @functools.cached_property
     def mesh(self):
