@@ -15,20 +15,25 @@ SCRIPT = REPO / "benchmarks" / "accelerator.py"
 ABSENT = ("tensorflow", "tensorflow_datasets", "tf_keras", "clu", "ml_collections", "sklearn",
           "matplotlib", "onnx", "onnxruntime", "jax2onnx", "ai_edge_litert")
 BLOCKER = f'''
+import importlib.machinery
 import sys
 
 ABSENT = {ABSENT!r}
 
 
-class _Absent:
-    """Acts as if these packages were not installed (at any depth of the import chain)."""
+class _Absent(importlib.machinery.PathFinder):
+    """The path finder, blind to these packages: importing one fails and find_spec says None,
+    exactly as if it were not installed (torch and timm probe optional packages that way)."""
 
-    def find_spec(self, name, path=None, target=None):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
         if name.split(".")[0] in ABSENT:
-            raise ImportError(f"{{name}} is not installed on the accelerator machines")
+            return None
+        return super().find_spec(name, path, target)
 
 
-sys.meta_path.insert(0, _Absent())
+sys.meta_path[:] = [_Absent if finder is importlib.machinery.PathFinder else finder
+                    for finder in sys.meta_path]
 '''
 
 

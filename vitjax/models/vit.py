@@ -17,6 +17,7 @@ Parameter layout (heads are an explicit axis, so head pruning is a slice):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -129,14 +130,17 @@ REMAT_POLICIES = {
 }
 
 
+@functools.cache
 def _cudnn_available() -> bool:
+    """Whether the default backend is CUDA (cuDNN ships with jax's CUDA plugin)."""
+    if jax.default_backend() != "gpu":
+        return False
     try:
         from jax.extend import backend as backend_lib
 
-        backend = backend_lib.get_backend()
-    except Exception:  # noqa: BLE001 - no backend information: no cuDNN either
-        return False
-    return backend.platform == "gpu" and "cuda" in str(backend.platform_version).lower()
+        return "cuda" in str(backend_lib.get_backend().platform_version).lower()
+    except (ImportError, AttributeError):  # another jax layout: fall back to the device name
+        return "nvidia" in jax.devices()[0].device_kind.lower()
 
 
 def resolve_attention(implementation: str, dtype: Any, head_dim: int) -> str:
