@@ -259,3 +259,20 @@ def test_remat_policies_give_the_same_gradients(policy):
     remat = grads(ViT(TINY, drop_path_rate=0.2, attention="xla", remat=True, remat_policy=policy))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_dynamicvit_inference_path_takes_the_attention_option():
+    from vitjax.dynamicvit import DynamicViT, DynamicViTConfig, init_from_vit
+
+    config = ViTConfig(num_classes=5, image_size=32, patch_size=8, embed_dim=32, depth=3,
+                       num_heads=4, mlp_dim=48)
+    dyn = DynamicViTConfig(locations=(1, 2), ratios=(0.75, 0.5))
+    params = init_from_vit(DynamicViT(config, dyn), init_params(ViT(config), jax.random.key(0)),
+                           jax.random.key(1))
+    images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    explicit, aux_e = DynamicViT(config, dyn, attention="explicit").apply({"params": params},
+                                                                          images)
+    fused, aux_f = DynamicViT(config, dyn, attention="xla").apply({"params": params}, images)
+    np.testing.assert_allclose(fused, explicit, atol=1e-5, rtol=1e-5)
+    for a, b in zip(aux_e["kept_patches"], aux_f["kept_patches"], strict=True):
+        np.testing.assert_array_equal(a, b)
