@@ -1,6 +1,6 @@
 """The accelerator benchmark: one command, one table, one JSON file.
 
-    python benchmarks/accelerator.py                       # one GPU (H100: about 6-8 minutes)
+    python benchmarks/accelerator.py                       # one GPU (sized for 8 min on an H100)
     python benchmarks/accelerator.py --smoke               # any machine, tiny shapes, seconds
     python benchmarks/accelerator.py --sections=timm,pruned --reps=7 --json=/tmp/acc.json
 
