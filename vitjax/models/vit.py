@@ -289,8 +289,8 @@ class Block(nn.Module):
     mlp_dim: int
     drop_path: float = 0.0
     num_prefix: int = 1
-    dtype: Any = jnp.float32
     attention: str = "auto"  # attention implementation, see resolve_attention
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, alive, masks, train: bool = False, keep_indices=None, keep_count=None):
@@ -396,12 +396,12 @@ class ViT(nn.Module):
                 f"images have shape {images.shape}; this model expects "
                 f"[batch, {cfg.image_size}, {cfg.image_size}, {cfg.in_chans}]"
             )
-        if masks is not None and cfg.is_pruned:
-            raise ValueError("masks select sub-networks of a dense model; this model is pruned")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}: choose one of "
                              f"{sorted(REMAT_POLICIES)}")
         resolve_attention(self.attention, self.dtype, cfg.dim_per_head)  # a clear error early
+        if masks is not None and cfg.is_pruned:
+            raise ValueError("masks select sub-networks of a dense model; this model is pruned")
         d = cfg.embed_dim
         x = images.astype(self.dtype)
 
@@ -440,8 +440,8 @@ class ViT(nn.Module):
                 mlp_dim=cfg.mlp_dim_at(layer),
                 drop_path=rate,
                 num_prefix=cfg.num_prefix_tokens,
-                dtype=self.dtype,
                 attention=self.attention,
+                dtype=self.dtype,
                 name=f"blocks_{layer}",
             )(x, alive, layer_masks, train, keep_indices, keep_count)
             blocks_aux.append(block_aux)
