@@ -152,13 +152,13 @@ def test_missing_and_unknown_keys(caplog):
     missing = {k: v for k, v in state.items() if k != "blocks.1.norm1.weight"}
     with pytest.raises(ValueError, match=r"missing keys \['blocks.1.norm1.weight'\]"):
         load_timm(missing, num_heads=2)
-    unknown = {**state, "blocks.0.ls1.gamma": np.ones(32, np.float32)}
-    with pytest.raises(ValueError, match=r"unknown keys \['blocks.0.ls1.gamma'\]"):
+    unknown = {**state, "blocks.0.attn.q_norm.weight": np.ones(32, np.float32)}
+    with pytest.raises(ValueError, match=r"unknown keys \['blocks.0.attn.q_norm.weight'\]"):
         load_timm(unknown, num_heads=2)
     with caplog.at_level(logging.WARNING):
-        _, params = load_timm({**missing, "blocks.0.ls1.gamma": np.ones(32)}, num_heads=2,
+        _, params = load_timm({**missing, "blocks.0.attn.q_norm.weight": np.ones(32)}, num_heads=2,
                               strict=False)
-    assert "blocks.1.norm1.weight" in caplog.text and "blocks.0.ls1.gamma" in caplog.text
+    assert "blocks.1.norm1.weight" in caplog.text and "blocks.0.attn.q_norm.weight" in caplog.text
     assert params["blocks_1"]["norm1"]["scale"].shape == (32,)  # fresh init fills the gap
     with pytest.raises(ValueError, match="not a timm ViT/DeiT state dict"):
         load_timm({"conv1.weight": np.ones((3, 3))})
@@ -314,7 +314,9 @@ def test_pth_and_timm_pretrained_file(tmp_path):
                                            file=str(path), num_classes=10),
                                        **entry["timm_kwargs"]).eval()
         from_timm = _tools().timm_logits(timm_model, golden["images"])
-        np.testing.assert_array_equal(from_timm, golden["logits"])
+        # torch's CPU kernels differ by an ulp across builds/thread counts: the fixture's
+        # logits agree to float tolerance (test_round_trip_is_exact compares the weights exactly).
+        np.testing.assert_allclose(from_timm, golden["logits"], rtol=0, atol=GOLDEN_ATOL)
     # An official-style training checkpoint: {'model': ..., 'args': Namespace} with DDP prefixes.
     import argparse
 
