@@ -161,7 +161,11 @@ class ViTConfig:
     @property
     def family(self) -> str:
         """A short name of the architecture family, for messages."""
-        parts = ["DeiT-III" if self.layer_scale else ("DeiT" if self.distilled else "ViT")]
+        deit3 = (self.layer_scale and self.no_embed_class and self.class_token
+                 and not self.reg_tokens and self.global_pool == "token")
+        parts = ["DeiT-III" if deit3 else ("DeiT" if self.distilled else "ViT")]
+        if self.layer_scale and not deit3:
+            parts.append("with LayerScale")
         if not self.class_token:
             parts.append("without class token")
         if self.reg_tokens:
