@@ -110,10 +110,6 @@ class ViTConfig:
                 fail("layer_tokens disagrees with the lengths of layer_token_indices")
             object.__setattr__(self, "layer_tokens", counts)
         if self.layer_tokens is not None:
-            if self.layer_token_indices is None and not self.class_token:
-                fail("layer_tokens without layer_token_indices selects tokens per image by "
-                     "class attention, which a model without a class token does not have; "
-                     "prune tokens at static positions (token_mode='static')")
             previous = self.num_tokens
             # Without any prefix token, pooling needs at least one token left.
             least = max(self.num_prefix_tokens, 1)

@@ -314,9 +314,12 @@ class ViT(nn.Module):
             )
         if masks is not None and cfg.is_pruned:
             raise ValueError("masks select sub-networks of a dense model; this model is pruned")
-        if masks is not None and masks.token_keep is not None and not cfg.class_token:
-            raise ValueError(f"token_keep selects tokens by class attention; this {cfg.family} "
-                             "has no class token: use static token masks (Masks.token)")
+        per_image = cfg.layer_tokens is not None and cfg.layer_token_indices is None
+        if not cfg.class_token and (per_image or (masks is not None
+                                                  and masks.token_keep is not None)):
+            raise ValueError(f"token_keep / layer_tokens without layer_token_indices select "
+                             f"tokens by class attention; this {cfg.family} has no class token: "
+                             "use static token masks (Masks.token, layer_token_indices)")
         d = cfg.embed_dim
         x = images.astype(self.dtype)
 
