@@ -16,9 +16,9 @@ import pytest
 
 from vitjax import convert
 from vitjax.interop import (
-    load_checkpoint,
     infer_config,
     is_native,
+    load_checkpoint,
     load_native,
     load_timm,
     params_from_timm,

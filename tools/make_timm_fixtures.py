@@ -255,8 +255,8 @@ def measure(fixtures: Path) -> None:
     """Prints the largest logit difference vitjax vs timm for every fixture and full-size DeiT."""
     import jax
 
-    from vitjax.models import ViT
     from vitjax.interop import load_checkpoint, load_timm
+    from vitjax.models import ViT
 
     def max_diff(model, params, images, expected):
         logits = np.asarray(jax.jit(model.apply)({"params": params}, images)[0])

@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def describe(config) -> str:
     return (
-        f"{config.family}: embed_dim={config.embed_dim} depth={config.depth} num_heads={config.num_heads} "
-        f"mlp_dim={config.mlp_dim} patch_size={config.patch_size} image_size={config.image_size} "
+        f"{config.family}: embed_dim={config.embed_dim} depth={config.depth} "
+        f"num_heads={config.num_heads} mlp_dim={config.mlp_dim} patch_size={config.patch_size} "
+        f"image_size={config.image_size} "
         f"num_classes={config.num_classes} distilled={config.distilled}; "
         f"{config.num_params():,} parameters"
     )

@@ -12,6 +12,7 @@ import os
 import tempfile
 
 import jax
+import numpy as np
 from etils import epath
 
 from vitjax.errors import UserError
@@ -78,7 +79,8 @@ def check_preprocessing(ctx: Context, path: str, loaded) -> None:
 
     want = (per_channel(stats["mean"]), per_channel(stats["std"]))
     have = (per_channel(data.mean), per_channel(data.std))
-    if all(abs(a - b) < 1e-6 for w, h in zip(want, have) for a, b in zip(w, h, strict=True)):
+    if all(len(w) == len(h) and np.allclose(w, h, rtol=0, atol=1e-6)
+           for w, h in zip(want, have, strict=True)):
         return
     message = (f"config.init.checkpoint {path} ({loaded.source_format} {loaded.config.family}) "
                f"expects inputs normalised with mean {want[0]} std {want[1]}, but config.data "
