@@ -236,3 +236,65 @@ def test_convert_cli_records_preprocessing(tmp_path, capsys):
     assert convert.main([str(npz), str(tmp_path / "x.safetensors"), "--num-heads", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: big_vision") and "num_heads=4" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------------------ pipeline
+
+
+def _tiny_digits():
+    spec = importlib.util.spec_from_file_location(
+        "test_stages", Path(__file__).parent / "test_stages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny_digits
+
+
+def test_pipeline_on_a_register_token_gap_model(tmp_path):
+    """pretrain -> score -> criteria -> search -> prune -> export with registers, no class
+    token and average pooling: static token pruning, registers kept, weights record the
+    normalisation; the class-attention token mode is refused up front."""
+    from vitjax.errors import UserError
+    from vitjax.interop import load_native
+    from vitjax.stages import runner
+    from vitjax.workdir import read_json
+
+    config = _tiny_digits()(token_mode="static")
+    config.model.update(class_token=False, reg_tokens=2, no_embed_class=True,
+                        global_pool="avg", fc_norm=True)
+    config.stages = "pretrain,score,criteria,search,prune,export"
+    config.criteria.ratios = (0.0, 0.5)
+    config.search.update(population=2, iterations=1, restarts=1)
+    config.export.formats = "jax"
+    runner.run_pipeline(config, tmp_path / "run")
+    prune = read_json(tmp_path / "run" / "prune" / "DONE.json")
+    assert prune["max_logit_diff_vs_masked"] < 1e-4
+    pruned_config, _ = load_native(tmp_path / "run" / "prune" / "pruned.safetensors")
+    assert pruned_config.reg_tokens == 2 and not pruned_config.class_token
+    assert all(ix[:2] == (0, 1) for ix in pruned_config.layer_token_indices)  # registers kept
+    assert read_preprocessing(tmp_path / "run" / "prune" / "pruned.safetensors")["mean"] == [
+        0.3, 0.3, 0.3]
+    criteria = read_json(tmp_path / "run" / "criteria" / "DONE.json")
+    assert "attn-prob" not in {row["criterion"] for row in criteria["rows"]}
+    assert read_json(tmp_path / "run" / "export" / "DONE.json")["formats"]["jax"]["ok"]
+
+    config.train.token_mode = "attention"
+    with pytest.raises(UserError, match="token_mode=static"):
+        runner.run_pipeline(config, tmp_path / "other")
+
+
+def test_pipeline_checks_the_checkpoint_normalisation(tmp_path):
+    """An AugReg .npz expects [-1, 1] inputs; digits are normalised otherwise: a clear error,
+    unless the data config matches (then pretraining starts from the checkpoint)."""
+    from vitjax.errors import UserError
+    from vitjax.stages import runner
+
+    npz = FIXTURES / MANIFEST["augreg_gap_c7_32px"]["checkpoint"]
+    config = _tiny_digits()(token_mode="static")
+    config.model.update(variant="", embed_dim=24, num_heads=3, mlp_dim=48, depth=2,
+                        class_token=False, global_pool="avg")
+    config.init.checkpoint = str(npz)
+    config.stages = "pretrain"
+    with pytest.raises(UserError, match=r"augreg ViT without class token.*mean \(0.5, 0.5, 0.5\)"):
+        runner.run_pipeline(config, tmp_path / "a")
+    config.data.update(mean=(0.5,) * 3, std=(0.5,) * 3)
+    runner.run_pipeline(config, tmp_path / "b")

@@ -127,7 +127,7 @@ def run(ctx: Context) -> dict:
     if ctx.is_main:
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, SUPERNET_FILE)
-            save_native(local, ctx.model_config, params)
+            save_native(local, ctx.model_config, params, preprocessing=ctx.preprocessing)
             epath.Path(local).copy(out / (SUPERNET_FILE + ".tmp"), overwrite=True)
             (out / (SUPERNET_FILE + ".tmp")).replace(out / SUPERNET_FILE)
         if ranks is not None:
