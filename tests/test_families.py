@@ -298,3 +298,75 @@ def test_pipeline_checks_the_checkpoint_normalisation(tmp_path):
         runner.run_pipeline(config, tmp_path / "a")
     config.data.update(mean=(0.5,) * 3, std=(0.5,) * 3)
     runner.run_pipeline(config, tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------ live timm
+
+
+def _importable(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:
+        return False
+
+
+needs_timm = pytest.mark.skipif(not all(_importable(m) for m in ("torch", "timm")),
+                                reason="needs torch and timm")
+
+
+@needs_timm
+@pytest.mark.parametrize("layout,class_token,scanned", [
+    ("augreg", True, False), ("augreg", False, False), ("big_vision", True, True),
+    ("big_vision", False, False)])
+def test_timm_reads_the_same_npz(layout, class_token, scanned, tmp_path):
+    """A fresh random .npz (other sizes than the fixtures: head_dim 16, 4 blocks) through
+    timm's own `_load_weights` and through vitjax: same logits; then vitjax -> timm state dict
+    == what timm's loader made of it."""
+    from timm.models.vision_transformer import _load_weights
+
+    tools = _tools()
+    sizes = dict(embed_dim=32, depth=4, num_heads=2, mlp_dim=64, patch_size=4, img_size=16)
+    state = tools.random_jax_npz(layout, class_token=class_token, num_classes=4, seed=7,
+                                 scanned=scanned, **sizes)
+    np.savez(tmp_path / "w.npz", **state)
+    timm_model = tools.timm_model_for_npz(layout, class_token, 4, **sizes)
+    _load_weights(timm_model, str(tmp_path / "w.npz"))
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    expected = tools.timm_logits(timm_model, images)
+    loaded = load_checkpoint(tmp_path / "w.npz")
+    assert loaded.source_format == layout and loaded.config.num_heads == 2
+    logits, _ = ViT(loaded.config).apply({"params": loaded.params}, images)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+    back = timm_state_dict(loaded.config, loaded.params)
+    timm_state = {k: v.numpy() for k, v in timm_model.state_dict().items()}
+    assert sorted(back) == sorted(timm_state)
+    assert all(np.array_equal(back[k], v) for k, v in timm_state.items())
+
+
+@needs_timm
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_save_timm_loads_strictly_into_timm(family, tmp_path):
+    """Round trip to timm: every family written by save_timm loads strictly into the timm
+    model of that family and gives vitjax's logits."""
+    import timm
+    import torch
+
+    from vitjax.interop import save_timm
+
+    config = ViTConfig(**BASE, **FAMILIES[family])
+    model, params, images = _setup(config)
+    path = tmp_path / "m.safetensors"
+    save_timm(config, params, path)
+    kwargs = dict(embed_dim=32, depth=3, num_heads=4, mlp_ratio=1.5, patch_size=8, img_size=32,
+                  num_classes=5, class_token=config.class_token, reg_tokens=config.reg_tokens,
+                  no_embed_class=config.no_embed_class, global_pool=config.global_pool,
+                  fc_norm=config.fc_norm, init_values=1e-5 if config.layer_scale else None)
+    timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+    timm_model.load_state_dict(read_state_dict_torch(path, torch), strict=True)
+    expected = _tools().timm_logits(timm_model, np.array(images))
+    logits, _ = model.apply({"params": params}, images)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=2e-5)
+
+
+def read_state_dict_torch(path, torch):
+    return {k: torch.from_numpy(np.array(v)) for k, v in read_state_dict(path).items()}
