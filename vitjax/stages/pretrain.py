@@ -6,6 +6,7 @@ ranks the supernet was last trained with, which later stages select sub-networks
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -16,7 +17,7 @@ import numpy as np
 from etils import epath
 
 from vitjax.errors import UserError
-from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context
+from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context, local_copy
 
 
 class StepBatches:
@@ -44,13 +45,18 @@ def load_init_checkpoint(ctx: Context, path: str):
     from vitjax.interop import load_checkpoint
 
     cfg = ctx.model_config
+    # .npz files are read member by member through epath (gs:// too); other remote files are
+    # copied to a local temporary file first.
+    remote = "://" in path and not path.lower().endswith(".npz")
     try:
-        # Class count and image size follow config.model (head replaced, positions resampled);
-        # the heads are checked (.npz, vitjax) or stated (a timm state dict does not store them).
-        loaded = load_checkpoint(
-            path, num_classes=cfg.num_classes, image_size=cfg.image_size,
-            num_heads=cfg.num_heads,
-            preprocessing=ctx.config.init.get("preprocessing") or None)
+        with local_copy(epath.Path(path)) if remote else contextlib.nullcontext(path) as local:
+            # Class count and image size follow config.model (head replaced, positions
+            # resampled); the heads are checked (.npz, vitjax) or stated (a timm state dict
+            # does not store them).
+            loaded = load_checkpoint(
+                local, num_classes=cfg.num_classes, image_size=cfg.image_size,
+                num_heads=cfg.num_heads,
+                preprocessing=ctx.config.init.get("preprocessing") or None)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise UserError(f"config.init.checkpoint: {e}") from None
     config = loaded.config
