@@ -213,6 +213,10 @@ def test_npz_pre_logits_head_and_size(tmp_path, caplog):
     np.testing.assert_array_equal(params["head"]["kernel"], 0.0)
     with pytest.raises(ValueError, match="not a ViT .npz checkpoint"):
         NpzCheckpoint({"conv/kernel": np.ones(3)})
+    from vitjax.interop import load_timm
+
+    with pytest.raises(ValueError, match="AugReg / big_vision .npz.*load_checkpoint"):
+        load_timm(tmp_path / "in21k.npz")
 
 
 def test_convert_cli_records_preprocessing(tmp_path, capsys):

@@ -262,6 +262,9 @@ def parse_variant(variant: str) -> dict[str, Any]:
 
 def _require(state: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     if name not in state:
+        if any(k.endswith("embedding/kernel") for k in state):
+            raise ValueError("this is an AugReg / big_vision .npz checkpoint, not a timm state "
+                             "dict: read it with vitjax.interop.load_checkpoint (or load_npz)")
         shown = ", ".join(sorted(state)[:8])
         raise ValueError(
             f"not a timm ViT/DeiT state dict: it has no {name!r} (its names start with: {shown})"
