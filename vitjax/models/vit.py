@@ -381,12 +381,14 @@ def pool(cfg: ViTConfig, x: Array, alive: Array | None = None) -> Array:
     the mean of the patch tokens that are still alive (timm leaves prefix tokens out)."""
     if cfg.global_pool == "token":
         return x[:, 0]
-    patches = x[:, cfg.num_prefix_tokens:]
+    # Summed in float32: a bfloat16 sum over 196 tokens would lose the mean's low bits.
+    patches = x[:, cfg.num_prefix_tokens:].astype(jnp.float32)
     if alive is None:
-        return patches.mean(axis=1)
+        return patches.mean(axis=1).astype(x.dtype)
     weights = jnp.broadcast_to(alive, x.shape[:2])[:, cfg.num_prefix_tokens:]
-    weights = weights.astype(x.dtype)[..., None]
-    return (patches * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+    weights = weights.astype(jnp.float32)[..., None]
+    mean = (patches * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+    return mean.astype(x.dtype)
 
 
 def classify(
