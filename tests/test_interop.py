@@ -345,7 +345,7 @@ def test_pth_and_timm_pretrained_file(tmp_path):
 @needs_timm
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224",
-                                  "deit_base_patch16_224"])
+                                  "deit_base_patch16_224", "deit3_small_patch16_224"])
 def test_full_size_deit_live(name, tmp_path):
     """Full-size DeiT (random init, perturbed) vs timm, then save_timm -> timm -> same logits."""
     import timm

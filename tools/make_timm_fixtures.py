@@ -248,6 +248,8 @@ FULL_SIZE = (
     "deit_tiny_distilled_patch16_224",
     "deit_small_distilled_patch16_224",
     "deit_base_distilled_patch16_224",
+    "deit3_small_patch16_224",  # LayerScale, no_embed_class
+    "vit_base_patch16_reg4_gap_256",  # registers, no class token, average pooling + fc_norm
 )
 
 
@@ -255,7 +257,7 @@ def measure(fixtures: Path) -> None:
     """Prints the largest logit difference vitjax vs timm for every fixture and full-size DeiT."""
     import jax
 
-    from vitjax.interop import load_checkpoint, load_timm
+    from vitjax.interop import load_checkpoint, load_timm, parse_variant
     from vitjax.models import ViT
 
     def max_diff(model, params, images, expected):
@@ -270,8 +272,9 @@ def measure(fixtures: Path) -> None:
         model = ViT(loaded.config)
         diff, scale = max_diff(model, loaded.params, golden["images"], golden["logits"])
         print(f"{'fixture ' + name:44s} {diff:10.2e} {scale:10.2f}", flush=True)
-    images = np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
     for name in FULL_SIZE:
+        size = parse_variant(name)["image_size"]
+        images = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
         timm_model = perturbed_timm_model(name, seed=0, noise=0.02)
         expected = timm_logits(timm_model, images)
         model, params = load_timm(timm_model.state_dict(), variant=name)
