@@ -276,3 +276,18 @@ def test_dynamicvit_inference_path_takes_the_attention_option():
     np.testing.assert_allclose(fused, explicit, atol=1e-5, rtol=1e-5)
     for a, b in zip(aux_e["kept_patches"], aux_f["kept_patches"], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_fused_path_on_register_token_gap_models():
+    """DeiT-III / register-token families (no class token, LayerScale, average pooling): the
+    fused path equals the explicit one, dense and with static token masks."""
+    config = ViTConfig(num_classes=5, image_size=32, patch_size=8, embed_dim=32, depth=3,
+                       num_heads=4, mlp_dim=48, class_token=False, reg_tokens=2,
+                       no_embed_class=True, layer_scale=True, global_pool="avg", fc_norm=True)
+    params, images = _setup(config, seed=13)
+    token = np.ones((config.depth, config.num_tokens), np.float32)
+    token[1:, [4, 9]] = 0
+    for masks in (None, Masks(token=jnp.asarray(token))):
+        explicit, _ = ViT(config, attention="explicit").apply({"params": params}, images, masks)
+        fused, _ = ViT(config, attention="xla").apply({"params": params}, images, masks)
+        np.testing.assert_allclose(fused, explicit, atol=1e-5, rtol=1e-5)
