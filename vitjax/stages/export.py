@@ -72,7 +72,8 @@ def run(ctx: Context) -> dict:
     float32 = [f for f in formats if f != "jax" and jnp.dtype(model.dtype) != jnp.float32]
     summary: dict = {}
     for group, group_model in ((([f for f in formats if f not in float32]), model),
-                               (float32, model.clone(dtype=jnp.float32))):
+                               (float32, model.clone(dtype=jnp.float32, attention=(
+                                   "auto" if model.attention == "cudnn" else model.attention)))):
         if group:
             part = export_all(group_model, params, out, group, images, strict=strict)
             formats_done = {**summary.get("formats", {}), **part["formats"]}
