@@ -63,8 +63,8 @@ STAGES: dict[str, Stage] = {
         Stage("compare", compare.run, ("pretrain", "prune"), ("compare", "finetune"),
               "DynamicViT, block pruning, block + token at matched FLOPs (second paper)"),
         Stage("report", report.run,
-              ("pretrain", "criteria", "search", "ablation", "prune", "finetune", "export",
-               "compare"), (),
+              ("pretrain", "score", "criteria", "search", "ablation", "prune", "finetune",
+               "export", "compare"), (),
               "report.md with the paper's tables"),
     )
 }

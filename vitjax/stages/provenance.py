@@ -39,8 +39,9 @@ def result_files(folder: epath.Path, prefix: str = "") -> dict[str, int]:
         return out
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
         name = path.name
-        if name.startswith(_SKIPPED_PREFIXES) or (not prefix and name in (DONE_FILE,
-                                                                          STARTED_FILE)):
+        # DONE.json, and DONE.json.invalid: one the runner moved aside
+        if name.startswith(_SKIPPED_PREFIXES) or (
+                not prefix and (name.startswith(DONE_FILE) or name == STARTED_FILE)):
             continue
         if path.is_dir():
             if name not in _SKIPPED_DIRS:
