@@ -121,11 +121,14 @@ def test_unfinished_search_with_another_objective_is_refused_naming_it(tmp_path,
     assert "search.objective: 'accuracy_minus_loss' -> 'accuracy'" in message
     assert "--config.overwrite=True" in message and "\n" not in message
     assert _eval_count(tmp_path / "search" / "log.jsonl") == 2  # nothing lost
+    # overwrite=True discards unfinished results too (here with a setting the log header
+    # pins as well), not only finished ones.
     changed.overwrite = True
+    changed.search.population = 4
     runner.run_pipeline(changed, tmp_path)
     header = json.loads((tmp_path / "search" / "log.jsonl").read_text().splitlines()[0])
-    assert header["provenance"]["objective"] == "accuracy"
-    assert _eval_count(tmp_path / "search" / "log.jsonl") == 5
+    assert header["provenance"]["objective"] == "accuracy" and header["population"] == 4
+    assert _eval_count(tmp_path / "search" / "log.jsonl") == 4 + 2
 
 
 def test_search_log_header_refuses_another_supernet_or_objective(tmp_path):

@@ -175,13 +175,20 @@ def _check_unfinished(ctx: Context, name: str) -> None:
         current = checks.stage_config(ctx.config, sections(name))
         recorded = started["config"]
         keys = [k for k in sorted(set(recorded) | set(current))
-                if recorded.get(k) != current.get(k)
-                and (k in _NOT_SELF_CHECKED or not k.startswith(RESUMING[name]))]
+                if recorded.get(k) != current.get(k)]
+        overwrite = bool(ctx.config.get("overwrite", False))
+        if overwrite:  # redo on any change, except what train.resume_overrides lets change
+            allowed = {f"{section}.{key}" for section in ("train", "finetune")
+                       for key in checks.resume_overrides(ctx.config)}
+            keys = [k for k in keys if k not in allowed]
+        else:  # the stage's own resume check compares the rest, with its own allowances
+            keys = [k for k in keys
+                    if k in _NOT_SELF_CHECKED or not k.startswith(RESUMING[name])]
         if not keys:
             return
         changes = [f"{k}: {recorded.get(k, '<unset>')!r} -> {current.get(k, '<unset>')!r}"
                    for k in keys]
-        if not ctx.config.get("overwrite", False):
+        if not overwrite:
             raise UserError(
                 f"{folder} holds unfinished {name} results started with another config "
                 f"({'; '.join(changes[:6])}); rerun with that config to resume them, or with "
