@@ -51,10 +51,30 @@ def result_files(folder: epath.Path, prefix: str = "") -> dict[str, int]:
     return out
 
 
+def content_digest(path: epath.Path) -> str:
+    """sha256 of a result file's content. A safetensors file's JSON header is hashed with its
+    keys sorted: the writer (a Rust hash map) orders the metadata differently in every process,
+    so equal weights would otherwise give different digests."""
+    if not path.name.endswith(".safetensors"):
+        return workdir_lib.file_digest(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size)
+        try:
+            header = json.dumps(json.loads(header), sort_keys=True).encode()
+        except ValueError:  # not a valid header: hash the bytes as they are
+            pass
+        digest.update(header)
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def identity(folder: epath.Path, files: dict[str, int]) -> str:
     digest = hashlib.sha256()
     for name in sorted(files):
-        digest.update(f"{name}\0{workdir_lib.file_digest(folder / name)}\n".encode())
+        digest.update(f"{name}\0{content_digest(folder / name)}\n".encode())
     return digest.hexdigest()[:16]
 
 
