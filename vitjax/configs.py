@@ -162,8 +162,13 @@ def deit_imagenet_config(
         # Recompute block activations in the backward pass: DeiT-B at 128 images per device.
         remat=variant.startswith("B"),
     ))
-    # Path to an official DeiT/timm checkpoint to start from (e.g. for short supernet training).
-    config.init = ml_collections.ConfigDict(dict(checkpoint=""))
+    # Path to an official DeiT/timm checkpoint, an AugReg / big_vision .npz or a vitjax file to
+    # start from (e.g. for short supernet training).
+    config.init = ml_collections.ConfigDict(dict(
+        checkpoint="",
+        # What a timm state dict expects: "imagenet" (mean/std) or "inception" ([-1, 1]); .npz
+        # and vitjax files carry it. A mismatch with config.data.mean/std stops the run.
+        preprocessing="", check_preprocessing=True))
     config.data = imagenet_data_config()
     config.augment = deit_augment_config()
     config.train = deit_train_config(variant)

@@ -197,6 +197,13 @@ def _hard_gumbel_keep(log_probs: Array, key: Array) -> Array:
 
 
 def _check_architecture(config: ViTConfig) -> None:
+    standard = (config.class_token and not config.reg_tokens and not config.no_embed_class
+                and not config.layer_scale and config.global_pool == "token")
+    if not standard:
+        raise ValueError(
+            f"DynamicViT is built on a DeiT/ViT with a class token; this {config.family} "
+            "(registers, LayerScale, average pooling, no_embed_class) is not supported"
+        )
     if config.layer_tokens is not None:
         raise ValueError(
             "DynamicViT selects tokens itself; its ViTConfig must not prune tokens statically "

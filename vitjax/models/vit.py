@@ -7,12 +7,13 @@ per-layer sizes. The two give the same logits (see tests/test_model.py).
 
 Parameter layout (heads are an explicit axis, so head pruning is a slice):
   patch_embed/kernel [P, P, C, d]  patch_embed/bias [d]
-  cls_token [1, 1, d]  dist_token [1, 1, d]  pos_embed [1, N, d]
-  blocks_{l}/norm1, norm2: LayerNorm scale/bias [d]
+  cls_token [1, 1, d]  dist_token [1, 1, d]  reg_token [1, R, d]
+  pos_embed [1, N, d] (or [1, N - prefix tokens, d] with no_embed_class)
+  blocks_{l}/norm1, norm2: LayerNorm scale/bias [d]   blocks_{l}/ls1, ls2: LayerScale gamma [d]
   blocks_{l}/attn/qkv/kernel [d, 3, H, dh]  qkv/bias [3, H, dh]
   blocks_{l}/attn/proj/kernel [H, dh, d]    proj/bias [d]
   blocks_{l}/mlp/fc1/kernel [d, F]  fc1/bias [F]  fc2/kernel [F, d]  fc2/bias [d]
-  norm: LayerNorm [d]   head, head_dist: Dense [d, num_classes]
+  norm (or fc_norm): LayerNorm [d]   head, head_dist: Dense [d, num_classes]
 """
 
 from __future__ import annotations
@@ -183,6 +184,17 @@ class Mlp(nn.Module):
         return out, 0.5 * half_gelu  # hidden: GELU output, before neuron masking
 
 
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT / DeiT-III, timm's `ls1.gamma`)."""
+
+    init_value: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+        return x * gamma.astype(x.dtype)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with a token selection layer between MHSA and FFN."""
 
@@ -192,6 +204,7 @@ class Block(nn.Module):
     drop_path: float = 0.0
     num_prefix: int = 1
     dtype: Any = jnp.float32
+    layer_scale: bool = False  # ls1 / ls2 gammas on the two residual branches
 
     @nn.compact
     def __call__(self, x, alive, masks, train: bool = False, keep_indices=None, keep_count=None):
@@ -207,6 +220,8 @@ class Block(nn.Module):
             attn_out, heads, cls_attn = Attention(
                 self.num_heads, self.head_dim, self.dtype, name="attn"
             )(ln("norm1")(x), head_mask, alive)
+            if self.layer_scale:
+                attn_out = LayerScale(name="ls1")(attn_out)
             x = x + drop_path_residual(attn_out, self.drop_path, not train, self)
             aux.update(attn_heads=heads, cls_attn=cls_attn)
             if head_mask is None:
@@ -242,6 +257,8 @@ class Block(nn.Module):
             mlp_out, hidden = Mlp(self.mlp_dim, self.dtype, name="mlp")(
                 ln("norm2")(x), neuron_mask
             )
+            if self.layer_scale:
+                mlp_out = LayerScale(name="ls2")(mlp_out)
             x = x + drop_path_residual(mlp_out, self.drop_path, not train, self)
             aux["ffn_hidden"] = hidden
         return x, alive, aux
@@ -297,18 +314,33 @@ class ViT(nn.Module):
             )
         if masks is not None and cfg.is_pruned:
             raise ValueError("masks select sub-networks of a dense model; this model is pruned")
+        per_image = cfg.layer_tokens is not None and cfg.layer_token_indices is None
+        if not cfg.class_token and (per_image or (masks is not None
+                                                  and masks.token_keep is not None)):
+            raise ValueError(f"token_keep / layer_tokens without layer_token_indices select "
+                             f"tokens by class attention; this {cfg.family} has no class token: "
+                             "use static token masks (Masks.token, layer_token_indices)")
         d = cfg.embed_dim
         x = images.astype(self.dtype)
 
         x = PatchEmbed(cfg.patch_size, d, self.dtype, name="patch_embed")(x)
 
         tok_init = nn.initializers.truncated_normal(0.02)
-        prefix = [self.param("cls_token", tok_init, (1, 1, d))]
+        prefix = []
+        if cfg.class_token:
+            prefix.append(self.param("cls_token", tok_init, (1, 1, d)))
         if cfg.distilled:
             prefix.append(self.param("dist_token", tok_init, (1, 1, d)))
-        prefix = [jnp.broadcast_to(t.astype(self.dtype), (x.shape[0], 1, d)) for t in prefix]
-        x = jnp.concatenate([*prefix, x], axis=1)
-        x = x + self.param("pos_embed", tok_init, (1, cfg.num_tokens, d)).astype(self.dtype)
+        if cfg.reg_tokens:
+            prefix.append(self.param("reg_token", tok_init, (1, cfg.reg_tokens, d)))
+        prefix = [jnp.broadcast_to(t.astype(self.dtype), (x.shape[0], *t.shape[1:]))
+                  for t in prefix]
+        pos_embed = self.param("pos_embed", tok_init, (1, cfg.num_pos_embed, d))
+        pos_embed = pos_embed.astype(self.dtype)
+        if cfg.no_embed_class:  # timm's order: positions on the patches, then the prefix
+            x = jnp.concatenate([*prefix, x + pos_embed], axis=1)
+        else:
+            x = jnp.concatenate([*prefix, x], axis=1) + pos_embed
 
         alive = None
         blocks_aux = []
@@ -333,30 +365,54 @@ class ViT(nn.Module):
                 drop_path=rate,
                 num_prefix=cfg.num_prefix_tokens,
                 dtype=self.dtype,
+                layer_scale=cfg.layer_scale,
                 name=f"blocks_{layer}",
             )(x, alive, layer_masks, train, keep_indices, keep_count)
             blocks_aux.append(block_aux)
 
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-        aux = {"blocks": blocks_aux, "pre_logits": x[:, 0]}
-        return classify(cfg, x, aux, self.dtype)
+        if not cfg.fc_norm:
+            x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        aux = {"blocks": blocks_aux}
+        return classify(cfg, x, aux, self.dtype, alive)
 
 
-def classify(cfg: ViTConfig, x: Array, aux: dict, dtype: Any) -> tuple[Array, dict]:
-    """(logits, aux) from the final normalised tokens x [B, N, d]: the class head (and the
-    distillation head, averaged, for distilled DeiT). Call it inside a compact `__call__`: the
-    Dense layers become the caller's submodules 'head' / 'head_dist'. Without classes (a
-    feature extractor) the class token's features, or the mean of both prefix tokens' as timm's
-    distilled DeiT without heads."""
+def pool(cfg: ViTConfig, x: Array, alive: Array | None = None) -> Array:
+    """[B, d] features of the final tokens x [B, N, d]: the class token, or (global_pool 'avg')
+    the mean of the patch tokens that are still alive (timm leaves prefix tokens out)."""
+    if cfg.global_pool == "token":
+        return x[:, 0]
+    # Summed in float32: a bfloat16 sum over 196 tokens would lose the mean's low bits.
+    patches = x[:, cfg.num_prefix_tokens:].astype(jnp.float32)
+    if alive is None:
+        return patches.mean(axis=1).astype(x.dtype)
+    weights = jnp.broadcast_to(alive, x.shape[:2])[:, cfg.num_prefix_tokens:]
+    weights = weights.astype(jnp.float32)[..., None]
+    mean = (patches * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+    return mean.astype(x.dtype)
+
+
+def classify(
+    cfg: ViTConfig, x: Array, aux: dict, dtype: Any, alive: Array | None = None
+) -> tuple[Array, dict]:
+    """(logits, aux) from the final tokens x [B, N, d] (normalised, unless fc_norm): pooling
+    (`pool`), fc_norm, then the class head (and the distillation head, averaged, for distilled
+    DeiT). Call it inside a compact `__call__`: the layers become the caller's submodules
+    'fc_norm' / 'head' / 'head_dist'. Sets aux['pre_logits']. Without classes (a feature
+    extractor) the pooled features, or the mean of both prefix tokens' as timm's distilled DeiT
+    without heads. alive [B, N]: tokens a masked run has not dropped (average pooling)."""
+    features = pool(cfg, x, alive)
+    if cfg.fc_norm:
+        features = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name="fc_norm")(features)
+    aux["pre_logits"] = features
     if not cfg.num_classes:
-        features = (x[:, 0] + x[:, 1]) / 2 if cfg.distilled else x[:, 0]
+        features = (x[:, 0] + x[:, 1]) / 2 if cfg.distilled else features
         return features.astype(jnp.float32), aux
 
     def head(name: str) -> nn.Dense:
         return nn.Dense(cfg.num_classes, dtype=dtype,
                         kernel_init=nn.initializers.truncated_normal(0.02), name=name)
 
-    logits = head("head")(x[:, 0]).astype(jnp.float32)
+    logits = head("head")(features).astype(jnp.float32)
     if cfg.distilled:
         # DeiT distilled: without a teacher both heads are trained alike; average them.
         logits_dist = head("head_dist")(x[:, 1]).astype(jnp.float32)

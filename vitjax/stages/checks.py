@@ -54,6 +54,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     token_mode = train.get("token_mode", "attention")
     _require(token_mode in TOKEN_MODES,
              f"config.train.token_mode={token_mode!r}: choose one of {', '.join(TOKEN_MODES)}")
+    if token_mode == "attention" and config.model.get("class_token") is False:
+        _require(False, "config.train.token_mode='attention' selects tokens by class attention, "
+                 "but config.model has no class token (class_token=False); set "
+                 "--config.train.token_mode=static")
     dtype = config.model.get("dtype", "float32")
     try:
         ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)

@@ -205,7 +205,8 @@ def save_result(ctx: Context, method: str, result: dict, out) -> dict:
     summary.update(params=parameter_count(result["params"]), method=method,
                    weights=str(out / "model.safetensors"))
     if ctx.is_main:
-        save_model(out / "model.safetensors", result["config"], result["params"])
+        save_model(out / "model.safetensors", result["config"], result["params"],
+                   ctx.preprocessing)
         if "dynamicvit" in result:
             workdir_lib.write_json(out / DYNAMICVIT_FILE, result["dynamicvit"])
             summary["dynamicvit"] = result["dynamicvit"]

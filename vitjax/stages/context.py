@@ -121,6 +121,14 @@ class Context:
         return float(fraction) * self.dense_gmacs if fraction else None
 
     @property
+    def preprocessing(self) -> dict:
+        """The input normalisation of config.data, recorded in the weight files stages write
+        (vitjax.interop.checkpoints), so a later run from them can check it."""
+        data = self.config.data
+        return dict(mean=[float(v) for v in data.mean], std=[float(v) for v in data.std],
+                    known=True, source="config.data")
+
+    @property
     def token_mode(self) -> str:
         return self.config.train.get("token_mode", "attention")
 
