@@ -6,7 +6,7 @@ Runs offline on two CPU cores in about 10 minutes (README.md has the measured ti
 where a user starts, from a trained dense model: the small digits ViT (32x32 inputs, 4x4
 patches, 65 tokens) shipped in timm's format (vitjax/assets/digits_vit.safetensors, made by
 tools/make_digits_reference.py), loaded through `config.init.checkpoint` like a DeiT checkpoint.
-The supernet is trained from it for 300 steps over policies at 60% of its dense FLOPs with the
+The supernet is trained from it for 200 steps over policies at 60% of its dense FLOPs with the
 dense model as teacher; then HSIC scores, the pruning criteria (Fig. 1), the policy search at
 60% of the FLOPs (GP + EI + SQP, with random search and the authors' method at the same
 budget), the dimension ablation and the accuracy-vs-FLOPs front (Table 3 left, Fig. 2); the
@@ -126,8 +126,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         expand_model_config(config, options["expand"], baseline_workdir="runs/digits")
     elif not options.get("scratch"):
         # From the trained model: a finetune-sized schedule with the dense model as teacher.
-        from_pretrained_recipe(config, options.get("init") or DIGITS_REFERENCE, steps=300,
+        from_pretrained_recipe(config, options.get("init") or DIGITS_REFERENCE, steps=200,
                                finetune_steps=100, lr=5e-4, finetune_lr=2e-4,
                                warmup_steps=30, finetune_warmup_steps=10)
-        config.train.update(score_every=150, eval_every=150, ckpt_every=150)
+        config.train.update(score_every=100, eval_every=100, ckpt_every=100)
     return config

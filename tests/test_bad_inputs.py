@@ -182,7 +182,7 @@ def test_tiny_flags_match_the_in_process_config():
     config = tiny_digits()
     flat = checks.flatten(config.to_dict())
     assert {k: flat[k] for k in _TINY_FLAGS} == _TINY_FLAGS
-    assert load_config("digits").train.steps == 300  # the shipped default is untouched
+    assert load_config("digits").train.steps == 200  # the shipped default is untouched
 
 
 def test_convert_refuses_a_missing_output_directory_and_keeps_the_umask(tmp_path):

@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/digits_reference")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--resume-overrides", default="",
+                        help="resume a run with these train keys changed, e.g. 'steps'")
     args = parser.parse_args(argv)
 
     import jax
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
     from vitjax.training import train
 
     config = reference_config(args.steps, args.lr, args.seed)
+    config.train.resume_overrides = args.resume_overrides
     ctx = Context(config, epath.Path(os.path.abspath(args.workdir)))
     datasets = ctx.datasets
     started = time.perf_counter()
