@@ -270,7 +270,7 @@ def cost_section(ctx: Context, done: dict, split: str, speed: dict) -> tuple[lis
             gap = acc - baseline["accuracy"].get(split)
             verdict = ("beats" if gap > 0 else "ties" if gap == 0 else "loses to")
             lines.append(f"The supernet {verdict} the no-supernet baseline at equal training "
-                         f"steps by {100 * gap:+.1f} pp (one seed; configs/digits_study.py "
+                         f"steps ({100 * gap:+.1f} pp; one seed, configs/digits_study.py "
                          "repeats it over seeds).")
     return [*lines, ""], summary
 
