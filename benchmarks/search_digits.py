@@ -30,10 +30,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 # (method of run_search, region)
@@ -90,6 +92,32 @@ class CachedObjective:
                     self.cache[keys[i]] = float(value)
                     f.write(json.dumps({"key": keys[i], "value": float(value)}) + "\n")
         return [self.cache[k] for k in keys]
+
+
+def with_overrides(settings, pairs):
+    """'field=value' pairs applied to SearchSettings or its AcquisitionSettings."""
+    import ast
+    import dataclasses
+
+    from vitjax.errors import UserError
+
+    top, acquisition = {}, {}
+    acquisition_fields = {f.name for f in dataclasses.fields(settings.acquisition)}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if key in acquisition_fields:
+            acquisition[key] = value
+        elif key in {f.name for f in dataclasses.fields(settings)}:
+            top[key] = value
+        else:
+            raise UserError(f"unknown search setting {key!r} in a method name")
+    if acquisition:
+        top["acquisition"] = dataclasses.replace(settings.acquisition, **acquisition)
+    return dataclasses.replace(settings, **top)
 
 
 def proposal_stats(result, inside, predicted) -> dict:
@@ -159,9 +187,10 @@ def run(args):
     from vitjax.stages.search import make_objective
 
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in VARIANTS]
+    unknown = [m for m in methods if m.split("@")[0] not in VARIANTS]
     if unknown:
-        raise UserError(f"unknown methods {unknown}; use {list(VARIANTS)}")
+        raise UserError(f"unknown methods {unknown}; use {list(VARIANTS)}, optionally with "
+                        "@field=value settings, e.g. gp@xi=0.001@initial_length=0.5")
     seeds = [int(s) for s in args.seeds.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]
     sizes = [tuple(int(v) for v in s.split("+")) for s in args.sizes.split(",")]
@@ -169,8 +198,20 @@ def run(args):
         raise UserError(f"no supernet in {args.workdir}/pretrain: run the pretrain stage first")
     from etils import epath
 
-    ctx = Context(load_config(args.workdir, args.config),
-                  epath.Path(os.path.abspath(args.workdir)))
+    config_dict = load_config(args.workdir, args.config)
+    ctx = Context(config_dict, epath.Path(os.path.abspath(args.workdir)))
+    # The same number of hold-out batches, each as small as it can be: 300 digits images in
+    # batches of 256 pad the second to 256 and spend 40% of every evaluation on padding.
+    size = ctx.datasets.eval_size("holdout")
+    batch = int(config_dict.train.get("eval_batch_size", 256))
+    count = -(-size // batch)
+    devices = jax.device_count()
+    per_batch = math.ceil(size / count)
+    smallest = math.ceil(per_batch / devices) * devices
+    if smallest != batch:
+        config_dict.train.eval_batch_size = smallest
+        ctx = Context(config_dict, ctx.workdir)
+        print(f"hold-out: {size} images in {count} batches of {smallest} (instead of {batch})")
     out = args.out or os.path.join(args.workdir, "search_benchmark")
     os.makedirs(out, exist_ok=True)
     config = ctx.model_config
@@ -192,9 +233,10 @@ def run(args):
     jobs = [(b, s, seed, m) for b in budgets for s in sizes for seed in seeds for m in methods]
     results, started, done_fresh = {}, time.monotonic(), 0
     for index, (budget, (population, iterations), seed, name) in enumerate(jobs, 1):
-        method, region = VARIANTS[name]
+        method, region = VARIANTS[name.split("@")[0]]
         settings = dataclasses.replace(base, method=method, region=region, seed=seed,
                                        population=population, iterations=iterations)
+        settings = with_overrides(settings, name.split("@")[1:])
         log_path = os.path.join(out, f"{budget:g}_{population}+{iterations}_s{seed}_{name}.jsonl")
         fresh = not os.path.exists(log_path)
         misses = objective.misses

@@ -12,8 +12,10 @@ Per point:
      1 - relaxed_gmacs(u) / T >= 0 (plus relaxed_gmacs(u) / T >= 1 - tol with a band), its
      gradient from jax too; one jitted call gives all of them at a point. The relaxation drops
      the ceil of the keep counts, so it is smooth and never above the exact count. Bounds: a
-     trust region, a box of side `trust_region_length(...)` around the start, inside [0, 1]^D
-     (the whole cube with `trust_region=False`, the paper's literal problem (4)).
+     trust region, a box of side `trust_region_length(...)` around the start, inside the
+     problem's region [0, upper] (the box the supernet was trained on, `Problem.upper`) or the
+     whole cube [0, 1]^D (`upper=None`; with `trust_region=False` too, the paper's literal
+     problem (4)). Rounding and repair below stay inside the region as well.
   3. Rounding: each ratio is snapped so its layer keeps the nearest integer number of neurons
      / heads / tokens (`SearchSpace.round`); that can add FLOPs, so `repair` then raises the
      ratio of the coordinate with the most FLOPs saved per EI lost, by the fewest units that
