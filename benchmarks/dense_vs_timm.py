@@ -35,7 +35,8 @@ except ImportError:  # run from a clone without `pip install -e .`
 
 from vitjax.export import timing  # noqa: E402
 
-TIMM_NAMES = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224"}
+TIMM_NAMES = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224",
+              "B": "deit_base_patch16_224"}
 SCRIPT = os.path.abspath(__file__)
 
 
@@ -50,86 +51,166 @@ def timm_missing() -> str | None:
 # ------------------------------------------------------------------------------ worker side
 
 
-def vitjax_contender(variant: str, batch: int, what: str, mode: str, seed: int = 0):
+def vitjax_contender(variant: str, batch: int, what: str, mode: str, seed: int = 0, *,
+                     dtype: str = "float32", attention: str = "auto", remat: str = "",
+                     config: dict | None = None):
     """run_once for the vitjax forward ('forward') or training step ('step', mode dense /
-    static / attention)."""
+    static / attention). dtype: compute dtype (parameters and AdamW state stay float32);
+    attention: `ViT.attention`; remat: '' (off) or a `ViT.remat_policy`; config: a ViTConfig
+    dict instead of the DeiT variant at 224 px (e.g. tiny shapes for a smoke test)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    import optax
 
-    from vitjax.models import ViT, ViTConfig, init_params
-    from vitjax.pruning import identity_ranks, masks_from_ranks, sample_policy
+    from vitjax.models import ViTConfig, init_params
 
-    config = ViTConfig.from_variant(f"{variant}/16", num_classes=1000, image_size=224)
-    model = ViT(config)
+    if config is None:
+        config = ViTConfig.from_variant(f"{variant}/16", num_classes=1000, image_size=224)
+    else:
+        config = ViTConfig.from_dict(config)
+    model = vitjax_model(config, dtype=dtype, attention=attention, remat=remat)
     params = init_params(model, jax.random.key(seed))
-    images = jax.random.normal(jax.random.key(1), (batch, 224, 224, 3), jnp.float32)
-    labels = jax.random.randint(jax.random.key(2), (batch,), 0, 1000)
+    size = config.image_size
+    images = jax.random.normal(jax.random.key(1), (batch, size, size, config.in_chans),
+                               jnp.float32)
+    labels = jax.random.randint(jax.random.key(2), (batch,), 0, max(config.num_classes, 1))
 
     if what == "forward":
         forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
         return lambda: forward(params, images).block_until_ready()
 
-    tx = optax.adamw(1e-4, weight_decay=0.05)
-
-    def loss_fn(p, x, y, masks):
-        logits, _ = model.apply({"params": p}, x, masks, train=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def step(state, x, y, masks):
-        p, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, y, masks)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), loss
-
-    train_step = jax.jit(step, donate_argnums=0)
-    ranks = identity_ranks(config)
-    policy_rng = np.random.default_rng(seed)
-    state = [(params, tx.init(params))]
+    train_step, init_state = vitjax_train_step(model, mode)
+    state = [init_state(params)]
+    sample = policy_sampler(config, mode, seed)
 
     def run_once():
-        masks = None
-        if mode != "dense":  # one new policy per step: data, not a recompile
-            keep = sample_policy(config, policy_rng).keep_counts(config)
-            masks = jax.tree.map(jnp.asarray, masks_from_ranks(config, ranks, keep, mode))
-        state[0], loss = train_step(state[0], images, labels, masks)
+        state[0], loss = train_step(state[0], images, labels, sample())
         loss.block_until_ready()
 
     return run_once
 
 
-def timm_contender(variant: str, batch: int, what: str, threads: int):
+def vitjax_model(config, *, dtype: str = "float32", attention: str = "auto", remat: str = ""):
+    import jax.numpy as jnp
+
+    from vitjax.models import ViT
+
+    # Only options that differ from the defaults: benchmarks/ab_checkouts.py runs this file
+    # against older checkouts, whose ViT may not know the newer ones.
+    options = {}
+    if jnp.dtype(dtype) != jnp.float32:
+        options["dtype"] = jnp.dtype(dtype)
+    if attention != "auto":
+        options["attention"] = attention
+    if remat:
+        options.update(remat=True, remat_policy=remat)
+    return ViT(config, **options)
+
+
+def vitjax_train_step(model, mode: str):
+    """(jitted step(state, images, labels, keep) -> (state, loss) with AdamW and the state
+    donated, init_state(params)). mode 'dense': keep is None; 'static' / 'attention': keep are
+    the KeepCounts of a policy, turned into masks inside the step (as the supernet trainer
+    does), so a new policy is new data, not a recompilation."""
+    import jax
+    import optax
+
+    from vitjax.pruning import identity_ranks, masks_from_ranks
+
+    config = model.config
+    ranks = identity_ranks(config)
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+
+    def loss_fn(p, x, y, keep):
+        masks = None if keep is None else masks_from_ranks(config, ranks, keep, mode)
+        logits, _ = model.apply({"params": p}, x, masks, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def step(state, x, y, keep):
+        p, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, y, keep)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), loss
+
+    return jax.jit(step, donate_argnums=0), lambda params: (params, tx.init(params))
+
+
+def policy_sampler(config, mode: str, seed: int = 0):
+    """() -> KeepCounts of a new random policy at every call (None for the dense step)."""
+    import numpy as np
+
+    from vitjax.pruning import sample_policy
+
+    policy_rng = np.random.default_rng(seed)
+    if mode == "dense":
+        return lambda: None
+    return lambda: sample_policy(config, policy_rng).keep_counts(config)
+
+
+def timm_kwargs(config: dict) -> dict:
+    """create_model overrides that give timm's VisionTransformer the shape of a ViTConfig."""
+    return dict(img_size=config["image_size"], patch_size=config["patch_size"],
+                embed_dim=config["embed_dim"], depth=config["depth"],
+                num_heads=config["num_heads"], mlp_ratio=config["mlp_dim"] / config["embed_dim"],
+                num_classes=config["num_classes"])
+
+
+def timm_contender(variant: str, batch: int, what: str, threads: int, *, amp: bool = False,
+                   config: dict | None = None):
+    """run_once for timm's forward or training step (AdamW) on CUDA when torch sees a GPU,
+    else on the CPU. amp: bfloat16 autocast (torch AMP; softmax, norms and loss stay float32
+    as autocast decides). config: a ViTConfig dict for other shapes than the DeiT variant."""
     import timm
     import torch
 
     torch.set_num_threads(threads)  # XLA's CPU client also uses every core it may run on
     torch.manual_seed(0)
-    model = timm.create_model(TIMM_NAMES[variant], pretrained=False, num_classes=1000)
-    images = torch.randn(batch, 3, 224, 224)
-    labels = torch.randint(0, 1000, (batch,))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {"num_classes": 1000} if config is None else timm_kwargs(config)
+    model = timm.create_model(TIMM_NAMES.get(variant, "deit_tiny_patch16_224"), pretrained=False,
+                              **kwargs).to(device)
+    size = 224 if config is None else config["image_size"]
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, kwargs["num_classes"], (batch,), device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=amp)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     if what == "forward":
         model.eval()
 
         def forward():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast:
                 model(images)
+            sync()
 
         return forward
 
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    # The fused AdamW kernel where there is one (CUDA): timm at its fastest.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
+                            **({"fused": True} if device == "cuda" else {}))
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images), labels)
+        with autocast:
+            loss = loss_fn(model(images), labels)
         loss.backward()
         opt.step()
         loss.item()
 
     return step
+
+
+def timm_info() -> dict:
+    """Versions and what timm's attention runs (fused scaled_dot_product_attention or not)."""
+    import timm
+    import torch
+    from timm.layers import use_fused_attn
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"versions": f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
+                        f"{device}), timm {timm.__version__}",
+            "fused_attn": bool(use_fused_attn())}
 
 
 def run_worker(spec: dict) -> None:

@@ -35,6 +35,8 @@ def _parse():
     parser.add_argument("--memory-batch", type=int, default=1024)
     parser.add_argument("--remat", action="store_true",
                         help="memory part: recompute block activations in the backward pass")
+    parser.add_argument("--remat-policy", default="full", choices=("full", "dots"),
+                        help="with --remat: recompute everything, or keep the matmul outputs")
     parser.add_argument(
         "--layouts", default="data=8;data=4,model=2;data=8,fsdp;data=4,model=2,fsdp",
         help="mesh layouts for the memory part, ';'-separated",
@@ -135,7 +137,8 @@ def memory():
     config = ViTConfig.from_variant(ARGS.memory_variant, num_classes=1000, image_size=224)
     batch = ARGS.memory_batch
     print(
-        f"\n{ARGS.memory_variant} supernet train step (remat={ARGS.remat}), global batch {batch}, "
+        f"\n{ARGS.memory_variant} supernet train step (remat={ARGS.remat}, "
+        f"{ARGS.remat_policy}), global batch {batch}, "
         f"{jax.device_count()} {jax.devices()[0].device_kind} devices; per-device bytes "
         "from compiled.memory_analysis()"
     )
@@ -145,7 +148,8 @@ def memory():
         mesh = make_mesh(layout)
         for dtype in (jnp.float32, jnp.bfloat16):
             trainer = Trainer(
-                ViT(config, dtype=dtype, remat=ARGS.remat), _train_config(True, "attention"),
+                ViT(config, dtype=dtype, remat=ARGS.remat, remat_policy=ARGS.remat_policy),
+                _train_config(True, "attention"),
                 mesh, layout,
             )
             images = jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32,

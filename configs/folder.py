@@ -75,9 +75,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         distilled=False,
         dtype="float32",  # compute dtype; 'bfloat16' on accelerators
         remat=False,  # recompute block activations in the backward pass (saves memory)
+        remat_policy="full",  # with remat: 'full' recomputes all, 'dots' keeps matmul outputs
+        attention="auto",  # 'auto' | 'xla' | 'cudnn' | 'explicit' (see vitjax.models.vit)
     ))
     # Start from converted timm/DeiT weights instead of from scratch (path to .pth/.safetensors).
-    config.init = ml_collections.ConfigDict(dict(checkpoint=""))
+    config.init = ml_collections.ConfigDict(dict(
+        checkpoint="",
+        # What a timm state dict expects: "imagenet" (mean/std) or "inception" ([-1, 1]); .npz
+        # and vitjax files carry it. A mismatch with config.data.mean/std stops the run.
+        preprocessing="", check_preprocessing=True))
 
     holdout = min(10, max(1, min(counts.values()) // 5)) if known else 10
     config.data = folder_data_config(

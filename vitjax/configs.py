@@ -41,7 +41,7 @@ def model_config_from(config: ml_collections.ConfigDict):
     from vitjax.models.config import ViTConfig
 
     fields = dict(config.model.to_dict())
-    for key in ("variant", "drop_path_rate", "dtype", "remat"):
+    for key in ("variant", "drop_path_rate", "dtype", "remat", "remat_policy", "attention"):
         fields.pop(key, None)
     try:
         if config.model.get("variant"):
@@ -158,12 +158,21 @@ def deit_imagenet_config(
     config.target_flops_fraction = target_flops_fraction
     config.model = ml_collections.ConfigDict(dict(
         variant=variant, num_classes=1000, image_size=224, distilled=distilled,
-        dtype="bfloat16",
+        dtype="bfloat16",  # compute; parameters, optimizer state, softmax, norms, loss: float32
         # Recompute block activations in the backward pass: DeiT-B at 128 images per device.
         remat=variant.startswith("B"),
+        remat_policy="full",  # 'full': recompute all; 'dots': keep the matmul outputs
+        # 'auto': cuDNN flash attention on NVIDIA GPUs, XLA on TPU, the einsum path on CPU;
+        # or 'xla', 'cudnn', 'explicit'.
+        attention="auto",
     ))
-    # Path to an official DeiT/timm checkpoint to start from (e.g. for short supernet training).
-    config.init = ml_collections.ConfigDict(dict(checkpoint=""))
+    # Path to an official DeiT/timm checkpoint, an AugReg / big_vision .npz or a vitjax file to
+    # start from (e.g. for short supernet training).
+    config.init = ml_collections.ConfigDict(dict(
+        checkpoint="",
+        # What a timm state dict expects: "imagenet" (mean/std) or "inception" ([-1, 1]); .npz
+        # and vitjax files carry it. A mismatch with config.data.mean/std stops the run.
+        preprocessing="", check_preprocessing=True))
     config.data = imagenet_data_config()
     config.augment = deit_augment_config()
     config.train = deit_train_config(variant)

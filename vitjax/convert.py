@@ -1,14 +1,18 @@
-"""Converts weights between timm / DeiT checkpoints and vitjax's own format, either way.
+"""Converts weights between timm / DeiT checkpoints (or AugReg / big_vision .npz) and vitjax's
+own format.
 
   python -m vitjax.convert deit_base_patch16_224.pth deit_b.safetensors   # timm -> vitjax
   python -m vitjax.convert deit_b.safetensors deit_b_timm.safetensors     # vitjax -> timm
   python -m vitjax.convert deit_b.safetensors deit_b_timm.pth             # (needs torch)
+  python -m vitjax.convert ViT-B_16.npz vit_b.safetensors               # AugReg / big_vision
 
 The direction follows the input: a file written by vitjax (a .safetensors/.npz carrying
 'vitjax_config' metadata, see vitjax/interop/native.py) becomes a timm state dict (.safetensors,
 or .pth/.pt/.bin with torch); anything else (.pth/.pt/.bin, .safetensors, .npz timm state dict)
-becomes a vitjax file (.safetensors or .npz). Prints the architecture and parameter count. On bad
-input: one line on stderr, exit status 2, and no output file.
+becomes a vitjax file (.safetensors or .npz) that also records the input normalisation the
+weights expect (AugReg / big_vision: [-1, 1]; a timm state dict: ImageNet mean/std unless
+--preprocessing says otherwise). Prints the architecture and parameter count. On bad input: one
+line on stderr, exit status 2, and no output file.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vitjax.interop import files
+from vitjax.interop.checkpoints import PREPROCESSING, load_checkpoint
 from vitjax.interop.native import NATIVE_SUFFIXES, is_native, load_native, save_native
-from vitjax.interop.timm import load_timm, save_timm
+from vitjax.interop.timm import save_timm
 
 _TIMM_OUT = (files.SAFETENSORS_SUFFIX, *files.TORCH_SUFFIXES)
 
@@ -38,13 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="resample position embeddings to this size")
     parser.add_argument("--num-classes", type=int, help="0 drops the head; other counts reset it")
     parser.add_argument("--non-strict", action="store_true", help="warn on missing/unknown keys")
+    parser.add_argument("--preprocessing", choices=sorted(PREPROCESSING),
+                        help="input normalisation a timm state dict expects (default: imagenet, "
+                             "recorded as assumed); inception = pixels in [-1, 1]")
     return parser
 
 
 def describe(config) -> str:
     return (
-        f"embed_dim={config.embed_dim} depth={config.depth} num_heads={config.num_heads} "
-        f"mlp_dim={config.mlp_dim} patch_size={config.patch_size} image_size={config.image_size} "
+        f"{config.family}: embed_dim={config.embed_dim} depth={config.depth} "
+        f"num_heads={config.num_heads} mlp_dim={config.mlp_dim} patch_size={config.patch_size} "
+        f"image_size={config.image_size} "
         f"num_classes={config.num_classes} distilled={config.distilled}; "
         f"{config.num_params():,} parameters"
     )
@@ -69,19 +78,21 @@ def convert(args: argparse.Namespace) -> str:
         return f"vitjax -> timm: {describe(config)}\nwrote {args.output}"
     _check_suffix(args.output, NATIVE_SUFFIXES, "a vitjax output")
     overrides = {} if args.num_heads is None else {"num_heads": args.num_heads}
-    model, params = load_timm(
+    loaded = load_checkpoint(
         args.input,
         variant=args.variant,
         strict=not args.non_strict,
         image_size=args.image_size,
         num_classes=args.num_classes,
+        preprocessing=args.preprocessing,
         **overrides,
     )
-    save_native(args.output, model.config, params)
-    lines = [f"timm -> vitjax: {describe(model.config)}"]
-    if args.num_heads is None and args.variant is None:
+    save_native(args.output, loaded.config, loaded.params, preprocessing=loaded.preprocessing)
+    lines = [f"{loaded.source_format} -> vitjax: {describe(loaded.config)}",
+             loaded.describe_preprocessing()]
+    if args.num_heads is None and args.variant is None and loaded.source_format == "timm":
         lines.append(
-            f"note: num_heads={model.config.num_heads} was assumed (checkpoints do not store it); "
+            f"note: num_heads={loaded.config.num_heads} was assumed (checkpoints do not store it); "
             "pass --num-heads or --variant if that is wrong"
         )
     lines.append(f"wrote {args.output}")

@@ -197,6 +197,13 @@ def _hard_gumbel_keep(log_probs: Array, key: Array) -> Array:
 
 
 def _check_architecture(config: ViTConfig) -> None:
+    standard = (config.class_token and not config.reg_tokens and not config.no_embed_class
+                and not config.layer_scale and config.global_pool == "token")
+    if not standard:
+        raise ValueError(
+            f"DynamicViT is built on a DeiT/ViT with a class token; this {config.family} "
+            "(registers, LayerScale, average pooling, no_embed_class) is not supported"
+        )
     if config.layer_tokens is not None:
         raise ValueError(
             "DynamicViT selects tokens itself; its ViTConfig must not prune tokens statically "
@@ -225,6 +232,10 @@ class DynamicViT(nn.Module):
     dyn: DynamicViTConfig = DynamicViTConfig()
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     drop_path_rate: float = 0.0  # stochastic depth at the last block (linear from 0)
+    # Attention of the inference path (vitjax.models.vit.resolve_attention). The training path
+    # keeps its explicit policy softmax: the predictors learn through the full attention
+    # weights, which a fused kernel never forms.
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False, masks=None) -> tuple[Array, dict]:
@@ -289,7 +300,8 @@ class DynamicViT(nn.Module):
                 rate = self.drop_path_rate * layer / max(cfg.depth - 1, 1)
                 x = PolicyBlock(drop_path=rate, **sizes)(x, policy)
             else:
-                x, _, _ = Block(num_prefix=prefix, **sizes)(x, None, {}, False)
+                x, _, _ = Block(num_prefix=prefix, attention=self.attention, **sizes)(
+                    x, None, {}, False)
 
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         aux.update(features=x[:, prefix:], pre_logits=x[:, 0])

@@ -12,6 +12,12 @@ module as follows:
 
 A worker builds its contender, warms it up (compilation, allocation), says it is ready, and then
 runs only when the parent asks it to, so at most one contender computes at any time.
+
+A worker may also serve several tasks (e.g. one model at three batch sizes, or its forward pass
+and its training step), so that one process compiles them all:
+
+    worker:  serve_tasks({"b1": (run_b1, 1), "b64": (run_b64, 64)})
+    parent:  w = Worker("dense", argv); alternate([w.task("b64"), other.task("b64")], ...)
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 _PREFIX = "@@timing "
 
@@ -36,14 +42,32 @@ class WorkerError(RuntimeError):
 class Worker:
     """One contender in a child process started with `argv` (which must end up in `serve`)."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, env: dict | None = None):
+    def __init__(self, name: str, argv: Sequence[str], *, env: dict | None = None,
+                 wait: bool = True):
+        """wait=False returns at once; call `wait_ready()` before using the worker (several
+        workers then build and warm up at the same time)."""
         self.name = name
         self._log = tempfile.TemporaryFile(mode="w+")  # the child's stderr, shown on failure
         self._proc = subprocess.Popen(
             list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
             text=True, bufsize=1, env=env,
         )
-        self.info = self._receive("ready")
+        self.info: dict | None = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> dict:
+        if self.info is None:
+            self.info = self._receive("ready")
+        return self.info
+
+    def task(self, task: str, name: str | None = None) -> Task:
+        """One of the worker's tasks (see `serve_tasks`), usable wherever a Worker is timed."""
+        items = self.wait_ready()["tasks"].get(task)
+        if items is None:
+            raise WorkerError(f"worker {self.name!r} has no task {task!r} "
+                              f"(it serves {sorted(self.info['tasks'])})")
+        return Task(name or f"{self.name} {task}", self, task, {"items_per_call": items})
 
     def _receive(self, kind: str) -> dict:
         # Blocks until the child answers or exits (a child that hangs hangs the benchmark).
@@ -57,9 +81,11 @@ class Worker:
         self.close()
         raise WorkerError(f"worker {self.name!r} stopped before sending {kind!r}:\n{tail}")
 
-    def run_for(self, seconds: float) -> tuple[int, float]:
-        """Runs the contender repeatedly for about `seconds`; returns (calls, elapsed)."""
-        self._proc.stdin.write(f"run {seconds}\n")
+    def run_for(self, seconds: float, task: str = "") -> tuple[int, float]:
+        """Runs the contender (or its `task`) repeatedly for about `seconds`; returns (calls,
+        elapsed)."""
+        self.wait_ready()
+        self._proc.stdin.write(f"run {seconds} {task}".rstrip() + "\n")
         self._proc.stdin.flush()
         message = self._receive("result")
         return int(message["calls"]), float(message["elapsed"])
@@ -80,6 +106,16 @@ class Worker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Task:
+    """A named task of a Worker: what `alternate` times (it has name, info and run_for)."""
+
+    def __init__(self, name: str, worker: Worker, task: str, info: dict):
+        self.name, self.worker, self.task, self.info = name, worker, task, info
+
+    def run_for(self, seconds: float) -> tuple[int, float]:
+        return self.worker.run_for(seconds, self.task)
 
 
 def cpu_model() -> str:
@@ -103,13 +139,24 @@ def serve(run_once: Callable[[], object], items_per_call: int, *, warmup: int = 
           **info) -> None:
     """Worker side: warm up, report ready, then time `run_once` (which must block until its
     work is done) whenever the parent asks. `items_per_call` (images) turns calls into rates."""
-    for _ in range(warmup):
-        run_once()
-    _send("ready", items_per_call=items_per_call, pid=os.getpid(), **info)
+    serve_tasks({"": (run_once, items_per_call)}, warmup=warmup, **info)
+
+
+def serve_tasks(tasks: Mapping[str, tuple[Callable[[], object], int]], *, warmup: int = 2,
+                **info) -> None:
+    """`serve` for several tasks {name: (run_once, items_per_call)}: all are warmed up before
+    the worker reports ready; the parent picks one per request (`Worker.task(name)`). No tasks
+    at all: a worker that only reports `info` (e.g. a measurement made while starting)."""
+    for run_once, _ in tasks.values():
+        for _ in range(warmup):
+            run_once()
+    items = {name: items_per_call for name, (_, items_per_call) in tasks.items()}
+    _send("ready", items_per_call=items.get(""), tasks=items, pid=os.getpid(), **info)
     for command in sys.stdin:
-        parts = command.split()
+        parts = command.split(maxsplit=2)  # run SECONDS [TASK NAME, spaces allowed]
         if not parts or parts[0] == "quit":
             return
+        run_once = tasks[parts[2].strip() if len(parts) > 2 else ""][0]
         calls, elapsed = timed_calls(run_once, float(parts[1]))
         _send("result", calls=calls, elapsed=elapsed)
 

@@ -10,6 +10,7 @@ config). Readable without vitjax: any safetensors reader plus json.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,9 @@ from vitjax.models.config import ViTConfig
 
 FORMAT = "vitjax"
 _CONFIG_KEY = "vitjax_config"
+# JSON {'mean': [...], 'std': [...], 'known': bool, 'source': str}: the input normalisation the
+# weights expect (vitjax.interop.checkpoints); absent in files written before it existed.
+_PREPROCESSING_KEY = "vitjax_preprocessing"
 _NPZ_META = "__metadata__"
 NATIVE_SUFFIXES = (files.SAFETENSORS_SUFFIX, files.NPZ_SUFFIX)
 
@@ -71,8 +75,12 @@ def is_native(path: str | os.PathLike) -> bool:
     return path.is_file() and _read_metadata(path).get("format") == FORMAT
 
 
-def save_native(path: str | os.PathLike, config: ViTConfig, params: Mapping[str, Any]) -> None:
-    """Writes params (+ config) as .safetensors or .npz; the file appears only when complete."""
+def save_native(
+    path: str | os.PathLike, config: ViTConfig, params: Mapping[str, Any],
+    preprocessing: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes params (+ config, + the input normalisation they expect) as .safetensors or .npz;
+    the file appears only when complete."""
     if Path(path).suffix.lower() not in NATIVE_SUFFIXES:
         raise ValueError(
             f"vitjax weights are written as {' or '.join(NATIVE_SUFFIXES)}, not {str(path)!r}"
@@ -80,7 +88,16 @@ def save_native(path: str | os.PathLike, config: ViTConfig, params: Mapping[str,
     if set(params) == {"params"}:
         params = params["params"]
     flat = {k: v.astype(np.float32) for k, v in flatten_params(params).items()}
-    files.write_arrays(path, flat, metadata={"format": FORMAT, _CONFIG_KEY: config.to_json()})
+    metadata = {"format": FORMAT, _CONFIG_KEY: config.to_json()}
+    if preprocessing is not None:
+        metadata[_PREPROCESSING_KEY] = json.dumps(dict(preprocessing))
+    files.write_arrays(path, flat, metadata=metadata)
+
+
+def read_preprocessing(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The input normalisation stored by save_native, or None where the file has none."""
+    text = _read_metadata(Path(path)).get(_PREPROCESSING_KEY)
+    return None if text is None else json.loads(text)
 
 
 def load_native(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, Any]]:

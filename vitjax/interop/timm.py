@@ -99,13 +99,33 @@ _has_head = lambda cfg: cfg.num_classes > 0
 _has_dist_head = lambda cfg: cfg.distilled and cfg.num_classes > 0
 
 
+_has_cls = lambda cfg: cfg.class_token
+_has_reg = lambda cfg: cfg.reg_tokens > 0
+_has_layer_scale = lambda cfg: cfg.layer_scale
+_has_norm = lambda cfg: not cfg.fc_norm
+_has_fc_norm = lambda cfg: cfg.fc_norm
+
+
 @dataclasses.dataclass(frozen=True)
-class _Rule:
-    timm: str  # timm state-dict name; '{l}' is the block index
+class Rule:
+    """One line of a conversion table: source name(s) -> Flax path, with the transform pair.
+
+    `timm` is the checkpoint's name ('{l}' is the block index); in the JAX .npz tables
+    (vitjax.interop.npz) it may be a tuple of names whose arrays `to_flax` receives as a list
+    (query, key, value -> one qkv kernel). `to_timm` is None where the table is one-way.
+    """
+
+    timm: str | tuple[str, ...]
     flax: str  # '/'-joined path in the Flax params tree
     to_flax: Transform = _identity
-    to_timm: Transform = _identity
+    to_timm: Transform | None = _identity
     applies: Callable[[ViTConfig], bool] = _always
+
+    def names(self) -> tuple[str, ...]:
+        return self.timm if isinstance(self.timm, tuple) else (self.timm,)
+
+
+_Rule = Rule
 
 
 def _linear(timm_prefix: str, flax_prefix: str, applies=_always) -> tuple[_Rule, ...]:
@@ -115,18 +135,19 @@ def _linear(timm_prefix: str, flax_prefix: str, applies=_always) -> tuple[_Rule,
     )
 
 
-def _layer_norm(timm_prefix: str, flax_prefix: str) -> tuple[_Rule, ...]:
+def _layer_norm(timm_prefix: str, flax_prefix: str, applies=_always) -> tuple[_Rule, ...]:
     return (
-        _Rule(f"{timm_prefix}.weight", f"{flax_prefix}/scale"),
-        _Rule(f"{timm_prefix}.bias", f"{flax_prefix}/bias"),
+        _Rule(f"{timm_prefix}.weight", f"{flax_prefix}/scale", applies=applies),
+        _Rule(f"{timm_prefix}.bias", f"{flax_prefix}/bias", applies=applies),
     )
 
 
 _RULES: tuple[_Rule, ...] = (
     _Rule("patch_embed.proj.weight", "patch_embed/kernel", _patch_to_flax, _patch_to_timm),
     _Rule("patch_embed.proj.bias", "patch_embed/bias"),
-    _Rule("cls_token", "cls_token"),
+    _Rule("cls_token", "cls_token", applies=_has_cls),
     _Rule("dist_token", "dist_token", applies=_distilled),
+    _Rule("reg_token", "reg_token", applies=_has_reg),
     _Rule("pos_embed", "pos_embed"),
     *_layer_norm("blocks.{l}.norm1", "blocks_{l}/norm1"),
     _Rule("blocks.{l}.attn.qkv.weight", "blocks_{l}/attn/qkv/kernel",
@@ -135,29 +156,35 @@ _RULES: tuple[_Rule, ...] = (
     _Rule("blocks.{l}.attn.proj.weight", "blocks_{l}/attn/proj/kernel",
           _proj_kernel_to_flax, _proj_kernel_to_timm),
     _Rule("blocks.{l}.attn.proj.bias", "blocks_{l}/attn/proj/bias"),
+    _Rule("blocks.{l}.ls1.gamma", "blocks_{l}/ls1/gamma", applies=_has_layer_scale),
     *_layer_norm("blocks.{l}.norm2", "blocks_{l}/norm2"),
     *_linear("blocks.{l}.mlp.fc1", "blocks_{l}/mlp/fc1"),
     *_linear("blocks.{l}.mlp.fc2", "blocks_{l}/mlp/fc2"),
-    *_layer_norm("norm", "norm"),
+    _Rule("blocks.{l}.ls2.gamma", "blocks_{l}/ls2/gamma", applies=_has_layer_scale),
+    *_layer_norm("norm", "norm", _has_norm),
+    *_layer_norm("fc_norm", "fc_norm", _has_fc_norm),
     *_linear("head", "head", _has_head),
     *_linear("head_dist", "head_dist", _has_dist_head),
 )
 
 
-def _expanded_rules(cfg: ViTConfig) -> list[_Rule]:
-    """The table with '{l}' filled in for every block, restricted to what `cfg` has."""
+def expand_rules(table: tuple[Rule, ...], cfg: ViTConfig) -> list[Rule]:
+    """`table` with '{l}' filled in for every block, restricted to what `cfg` has."""
     rules = []
-    for rule in _RULES:
+    for rule in table:
         if not rule.applies(cfg):
             continue
-        layers = range(cfg.depth) if "{l}" in rule.timm else [None]
+        layers = range(cfg.depth) if "{l}" in rule.flax else [None]
         for layer in layers:
-            rules.append(
-                dataclasses.replace(
-                    rule, timm=rule.timm.format(l=layer), flax=rule.flax.format(l=layer)
-                )
-            )
+            names = tuple(name.format(l=layer) for name in rule.names())
+            rules.append(dataclasses.replace(
+                rule, timm=names if isinstance(rule.timm, tuple) else names[0],
+                flax=rule.flax.format(l=layer)))
     return rules
+
+
+def _expanded_rules(cfg: ViTConfig) -> list[_Rule]:
+    return expand_rules(_RULES, cfg)
 
 
 def timm_keys(cfg: ViTConfig) -> list[str]:
@@ -235,6 +262,9 @@ def parse_variant(variant: str) -> dict[str, Any]:
 
 def _require(state: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     if name not in state:
+        if any(k.endswith("embedding/kernel") for k in state):
+            raise ValueError("this is an AugReg / big_vision .npz checkpoint, not a timm state "
+                             "dict: read it with vitjax.interop.load_checkpoint (or load_npz)")
         shown = ", ".join(sorted(state)[:8])
         raise ValueError(
             f"not a timm ViT/DeiT state dict: it has no {name!r} (its names start with: {shown})"
@@ -256,17 +286,22 @@ def _shape_fields(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
         _require(state, "blocks.0.attn.qkv.weight")
     depth = max(layers) + 1
     distilled = "dist_token" in state
-    prefix = 2 if distilled else 1
-    positions = _require(state, "pos_embed").shape[1] - prefix
-    grid = round(positions**0.5) if positions > 0 else 0
-    if positions <= 0 or grid * grid != positions:
-        raise ValueError(
-            f"pos_embed has {positions + prefix} entries, which is not {prefix} prefix token(s) "
-            "plus a square grid (checkpoints whose position embedding leaves out the class "
-            "token, such as DeiT III, are not supported)"
-        )
+    class_token = "cls_token" in state
+    reg_tokens = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
+    prefix = int(class_token) + int(distilled) + reg_tokens
+    rows = _require(state, "pos_embed").shape[1]
+    no_embed_class, grid = _position_grid(rows, prefix, "pos_embed")
     head = state.get("head.weight")
+    fc_norm = "fc_norm.weight" in state
     return dict(
+        class_token=class_token,
+        reg_tokens=reg_tokens,
+        no_embed_class=no_embed_class,
+        layer_scale="blocks.0.ls1.gamma" in state,
+        fc_norm=fc_norm,
+        # Not stored: timm pools by average where there is no class token and (by default)
+        # where fc_norm exists; global_pool= overrides the guess.
+        global_pool="avg" if fc_norm or not class_token else "token",
         embed_dim=int(embed_dim),
         in_chans=int(in_chans),
         patch_size=int(patch_size),
@@ -276,6 +311,23 @@ def _shape_fields(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
         image_size=int(grid * patch_size),
         num_classes=0 if head is None else int(head.shape[0]),
     )
+
+
+def _position_grid(rows: int, prefix: int, name: str) -> tuple[bool, int]:
+    """(no_embed_class, grid side) of a position embedding with `rows` rows: prefix tokens plus
+    a square grid, or (DeiT-III, big_vision, register models) the square grid alone."""
+    for no_embed_class, positions in ((False, rows - prefix), (True, rows)):
+        grid = round(positions**0.5) if positions > 0 else 0
+        if grid and grid * grid == positions:
+            return no_embed_class, grid
+    raise ValueError(
+        f"{name} has {rows} rows, which is neither {prefix} prefix token(s) plus a square "
+        "grid of patches nor a square grid alone"
+    )
+
+
+# Fields infer_config guesses rather than reads: an override replaces the guess.
+_GUESSED = ("global_pool",)
 
 
 def infer_config(
@@ -294,7 +346,7 @@ def infer_config(
         clashes = [
             f"{name}={given[name]} (checkpoint: {fields[name]})"
             for name in given
-            if name in fields and given[name] != fields[name]
+            if name in fields and name not in _GUESSED and given[name] != fields[name]
         ]
         if clashes:
             raise ValueError(
@@ -320,6 +372,7 @@ def infer_config(
             )
         else:
             logger.info("num_heads not given: %d, the standard for embed_dim %d", heads, d)
+    fields.update({k: v for k, v in overrides.items() if k in _GUESSED})
     extra = {k: v for k, v in overrides.items() if k not in fields and k != "num_heads"}
     return ViTConfig(**fields, num_heads=int(heads), **extra)
 
@@ -361,32 +414,48 @@ def params_from_timm(
     IGNORED_PREFIXES are never an error here; load_timm reports them.
     """
     _check_convertible(config)
+    return convert_state(state, config, _RULES, what="a timm", strict=strict,
+                         ignored=IGNORED_PREFIXES)
+
+
+def convert_state(
+    state: Mapping[str, np.ndarray], config: ViTConfig, table: tuple[Rule, ...], *, what: str,
+    strict: bool = True, ignored: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Flax params (numpy leaves) of `config` from `state` through conversion table `table`.
+
+    Only the tensors the table names are read (a lazy `state` reads nothing else). `what`
+    names the source format in messages ('a timm', 'a big_vision').
+    """
     model = ViT(config)
     images = jnp.zeros((1, config.image_size, config.image_size, config.in_chans), jnp.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))["params"]
-    rules = _expanded_rules(config)
+    rules = expand_rules(table, config)
     params: dict[str, Any] = {}
     missing = []
     for rule in rules:
-        if rule.timm not in state:
-            missing.append(rule.timm)
+        absent = [name for name in rule.names() if name not in state]
+        if absent:
+            missing.extend(absent)
             continue
-        value = state[rule.timm]
+        values = [state[name] for name in rule.names()]
+        value = values if isinstance(rule.timm, tuple) else values[0]
         expected = tuple(_get(shapes, rule.flax).shape)
         try:
             converted = rule.to_flax(value, config)
         except ValueError:
             converted = None
         if converted is None or converted.shape != expected:
+            shown = " ".join(str(tuple(np.shape(v))) for v in values)
             raise ValueError(
-                f"checkpoint tensor {rule.timm!r} has shape {tuple(value.shape)}, which does not "
-                f"fit {rule.flax} {expected} of the inferred architecture "
-                f"(embed_dim={config.embed_dim}, num_heads={config.num_heads}, "
+                f"checkpoint tensor {rule.timm!r} has shape {shown}, which does not "
+                f"fit {rule.flax} {expected} of the inferred architecture ({config.family}, "
+                f"embed_dim={config.embed_dim}, num_heads={config.num_heads}, "
                 f"mlp_dim={config.mlp_dim})"
             )
         _set(params, rule.flax, np.asarray(converted, np.float32))
-    known = {rule.timm for rule in rules}
-    unknown = sorted(k for k in state if k not in known and not k.startswith(IGNORED_PREFIXES))
+    known = {name for rule in rules for name in rule.names()}
+    unknown = sorted(k for k in state if k not in known and not k.startswith(ignored))
     problems = []
     if missing:
         problems.append(f"missing keys {missing}")
@@ -394,7 +463,7 @@ def params_from_timm(
         problems.append(f"unknown keys {unknown}")
     if problems:
         message = (
-            f"checkpoint does not match a timm ViT/DeiT with {config.depth} blocks, "
+            f"checkpoint does not match {what} {config.family} with {config.depth} blocks, "
             f"distilled={config.distilled}, num_classes={config.num_classes}: "
             + "; ".join(problems)
         )
@@ -404,7 +473,7 @@ def params_from_timm(
         if missing:
             fresh = jax.jit(lambda key: model.init(key, images)["params"])(jax.random.PRNGKey(0))
             for rule in rules:
-                if rule.timm in missing:
+                if any(name in missing for name in rule.names()):
                     _set(params, rule.flax, np.asarray(_get(fresh, rule.flax)))
     return params
 
@@ -480,7 +549,8 @@ def load_timm(
     if image_size is not None and image_size != config.image_size:
         config = dataclasses.replace(config, image_size=image_size)  # validates divisibility
         state["pos_embed"] = resample_pos_embed(
-            state["pos_embed"], config.grid_size, config.num_prefix_tokens
+            state["pos_embed"], config.grid_size,
+            0 if config.no_embed_class else config.num_prefix_tokens,
         )
     params = jax.tree.map(jnp.asarray, params_from_timm(state, config, strict=strict))
     model = ViT(config)

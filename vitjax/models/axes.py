@@ -34,9 +34,10 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"mlp/fc2/kernel$", (MLP, EMBED)),
     (r"mlp/fc2/bias$", (EMBED,)),
     (r"norm\d?/(scale|bias)$", (EMBED,)),
+    (r"ls\d/gamma$", (EMBED,)),  # LayerScale: per channel of d, never sliced by pruning
     (r"^patch_embed/kernel$", (PATCH, PATCH, CHANNELS, EMBED)),
     (r"^patch_embed/bias$", (EMBED,)),
-    (r"^(cls_token|dist_token)$", (None, None, EMBED)),
+    (r"^(cls_token|dist_token|reg_token)$", (None, None, EMBED)),
     (r"^pos_embed$", (None, TOKENS, EMBED)),
     (r"^head(_dist)?/kernel$", (EMBED, CLASSES)),
     (r"^head(_dist)?/bias$", (CLASSES,)),

@@ -12,6 +12,8 @@ import json
 import math
 from typing import Any
 
+GLOBAL_POOLS = ("token", "avg")
+
 # Width, depth, heads and MLP size of the standard variants (ViT paper Table 1, DeiT Table 1).
 _VARIANTS = {
     "mu": dict(embed_dim=32, depth=2, num_heads=2, mlp_dim=64),  # for tests only
@@ -52,6 +54,16 @@ class ViTConfig:
     head_dim: int | None = None  # d_h; None means embed_dim // num_heads
     mlp_dim: int = 3072  # d' (FFN hidden size) of the dense model
     distilled: bool = False  # DeiT distillation token + second head
+    # Newer ViT families (timm's names): no class token (GAP models), register tokens (prefix
+    # tokens that are always kept, Darcet et al. 2024), a position embedding over the patches
+    # only with the prefix tokens added after it (DeiT-III, big_vision), LayerScale on both
+    # residual branches (DeiT-III), and how the final features are pooled.
+    class_token: bool = True
+    reg_tokens: int = 0
+    no_embed_class: bool = False  # pos_embed covers the patches only
+    layer_scale: bool = False  # blocks_l/ls1, ls2 per-channel gammas (timm ls1.gamma)
+    global_pool: str = "token"  # 'token': the class token; 'avg': mean of the patch tokens
+    fc_norm: bool = False  # final LayerNorm after pooling ('fc_norm') instead of before ('norm')
     # Per-layer sizes of a physically pruned model; None keeps the dense size in every layer.
     layer_heads: tuple[int, ...] | None = None
     layer_mlp_dims: tuple[int, ...] | None = None
@@ -65,6 +77,16 @@ class ViTConfig:
         def fail(msg):
             raise ValueError(f"invalid ViTConfig: {msg}")
 
+        if self.global_pool not in GLOBAL_POOLS:
+            fail(f"global_pool {self.global_pool!r} must be one of {GLOBAL_POOLS}")
+        if self.global_pool == "token" and not self.class_token:
+            fail("global_pool='token' needs class_token=True; a model without a class token "
+                 "pools with global_pool='avg'")
+        if self.distilled and not (self.class_token and self.global_pool == "token"
+                                   and not self.reg_tokens):
+            fail("distilled (DeiT) models have a class token, token pooling and no registers")
+        if self.reg_tokens < 0:
+            fail(f"reg_tokens {self.reg_tokens} must be >= 0")
         if self.image_size % self.patch_size:
             fail(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.head_dim is None and self.embed_dim % self.num_heads:
@@ -89,11 +111,13 @@ class ViTConfig:
             object.__setattr__(self, "layer_tokens", counts)
         if self.layer_tokens is not None:
             previous = self.num_tokens
+            # Without any prefix token, pooling needs at least one token left.
+            least = max(self.num_prefix_tokens, 1)
             for layer, count in enumerate(self.layer_tokens):
-                if not self.num_prefix_tokens <= count <= previous:
+                if not least <= count <= previous:
                     fail(
                         f"layer_tokens[{layer}]={count} must lie in "
-                        f"[{self.num_prefix_tokens}, {previous}] (class/distillation tokens are "
+                        f"[{least}, {previous}] (class/distillation/register tokens are "
                         "always kept and a layer can only keep tokens that reached it)"
                     )
                 previous = count
@@ -117,12 +141,34 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 2 if self.distilled else 1
+        """Tokens before the patches, in this order: class, distillation, registers."""
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def num_pos_embed(self) -> int:
+        """Rows of pos_embed: every token, or the patches only (no_embed_class)."""
+        return self.num_patches if self.no_embed_class else self.num_tokens
 
     @property
     def num_tokens(self) -> int:
         """N: the sequence length entering the first block (patches + class [+ distillation])."""
         return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def family(self) -> str:
+        """A short name of the architecture family, for messages."""
+        deit3 = (self.layer_scale and self.no_embed_class and self.class_token
+                 and not self.reg_tokens and self.global_pool == "token")
+        parts = ["DeiT-III" if deit3 else ("DeiT" if self.distilled else "ViT")]
+        if self.layer_scale and not deit3:
+            parts.append("with LayerScale")
+        if not self.class_token:
+            parts.append("without class token")
+        if self.reg_tokens:
+            parts.append(f"with {self.reg_tokens} register tokens")
+        if self.global_pool == "avg":
+            parts.append("with average pooling" + (" and fc_norm" if self.fc_norm else ""))
+        return " ".join(parts)
 
     @property
     def is_pruned(self) -> bool:
@@ -175,13 +221,16 @@ class ViTConfig:
         """Parameter count of this (possibly pruned) architecture, in closed form."""
         d, dh = self.embed_dim, self.dim_per_head
         n = self.patch_size**2 * self.in_chans * d + d  # patch embedding
-        n += self.num_prefix_tokens * d + self.num_tokens * d  # class/dist tokens, positions
+        n += self.num_prefix_tokens * d + self.num_pos_embed * d  # prefix tokens, positions
+        scales = d if self.layer_scale else 0
         for layer in range(self.depth):
             heads, hidden = self.heads_at(layer), self.mlp_dim_at(layer)
-            n += 4 * d  # two LayerNorms
-            n += d * 3 * heads * dh + 3 * heads * dh + heads * dh * d + d  # qkv, proj
-            n += d * hidden + hidden + hidden * d + d  # fc1, fc2
-        n += 2 * d  # final norm
+            # A sub-block with nothing kept is gone whole: norm, weights and LayerScale.
+            if heads:
+                n += 2 * d + d * 3 * heads * dh + 3 * heads * dh + heads * dh * d + d + scales
+            if hidden:
+                n += 2 * d + d * hidden + hidden + hidden * d + d + scales
+        n += 2 * d  # final norm (or fc_norm)
         if self.num_classes:
             n += (d * self.num_classes + self.num_classes) * (2 if self.distilled else 1)
         return n

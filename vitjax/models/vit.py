@@ -7,16 +7,18 @@ per-layer sizes. The two give the same logits (see tests/test_model.py).
 
 Parameter layout (heads are an explicit axis, so head pruning is a slice):
   patch_embed/kernel [P, P, C, d]  patch_embed/bias [d]
-  cls_token [1, 1, d]  dist_token [1, 1, d]  pos_embed [1, N, d]
-  blocks_{l}/norm1, norm2: LayerNorm scale/bias [d]
+  cls_token [1, 1, d]  dist_token [1, 1, d]  reg_token [1, R, d]
+  pos_embed [1, N, d] (or [1, N - prefix tokens, d] with no_embed_class)
+  blocks_{l}/norm1, norm2: LayerNorm scale/bias [d]   blocks_{l}/ls1, ls2: LayerScale gamma [d]
   blocks_{l}/attn/qkv/kernel [d, 3, H, dh]  qkv/bias [3, H, dh]
   blocks_{l}/attn/proj/kernel [H, dh, d]    proj/bias [d]
   blocks_{l}/mlp/fc1/kernel [d, F]  fc1/bias [F]  fc2/kernel [F, d]  fc2/bias [d]
-  norm: LayerNorm [d]   head, head_dist: Dense [d, num_classes]
+  norm (or fc_norm): LayerNorm [d]   head, head_dist: Dense [d, num_classes]
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -117,13 +119,100 @@ class DenseParams(nn.Module):
 # weight-sized multiply. Masks are 0/1, so masking a weight row is exactly masking the input.
 
 
+# Attention implementations (`ViT.attention`, `config.model.attention`).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")
+# Checkpointing policies of `ViT(remat=True)` (`config.model.remat_policy`): 'full' recomputes
+# every activation of a block in the backward pass; 'dots' keeps the outputs of the matmuls
+# against weights (qkv, proj, fc1, fc2: no batch dimensions in the dot) and recomputes only the
+# cheap elementwise work and the attention matmuls, whose [B, H, N, N] results are the large part.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@functools.cache
+def _cudnn_available() -> bool:
+    """Whether the default backend is CUDA (cuDNN ships with jax's CUDA plugin)."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        from jax.extend import backend as backend_lib
+
+        return "cuda" in str(backend_lib.get_backend().platform_version).lower()
+    except (ImportError, AttributeError):  # another jax layout: fall back to the device name
+        return "nvidia" in jax.devices()[0].device_kind.lower()
+
+
+def resolve_attention(implementation: str, dtype: Any, head_dim: int) -> str:
+    """The attention implementation `implementation` stands for on the default backend.
+
+    'explicit': the einsum attention below, tuned for XLA:CPU; it materialises [B, H, N, N].
+    'xla': `jax.nn.dot_product_attention(implementation='xla')`.
+    'cudnn': the same with cuDNN's fused (flash) attention: NVIDIA GPUs, bfloat16 / float16
+        compute, head size a multiple of 8 up to 128.
+    'auto': 'explicit' on CPU (fastest there, see BUILD_NOTES), 'cudnn' on NVIDIA GPUs where its
+        conditions hold, 'xla' otherwise (TPU, float32 on GPU).
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={implementation!r}: choose one of "
+                         f"{list(ATTENTION_IMPLEMENTATIONS)}")
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if implementation == "cudnn" and not half:
+        raise ValueError(f"attention='cudnn' needs bfloat16 or float16 compute, the model "
+                         f"computes in {jnp.dtype(dtype).name}; use attention='auto' or 'xla' "
+                         "(or config.model.dtype='bfloat16')")
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "explicit"
+    if half and head_dim % 8 == 0 and head_dim <= 128 and _cudnn_available():
+        return "cudnn"
+    return "xla"
+
+
+def class_attention(q_cls: Array, k: Array, alive: Array | None) -> Array:
+    """The class token's attention probabilities [B, H, N] (float32) alone: its query
+    q_cls [B, H, dh] (already scaled) against the keys k [B, N, H, dh], dead keys excluded.
+    What token selection and the criteria read, at 1/N of the cost of the full matrix."""
+    logits = jnp.einsum("bhd,bnhd->bhn", q_cls, k, preferred_element_type=jnp.float32)
+    if alive is not None:
+        logits = jnp.where(alive[:, None, :], logits, _NEG_INF)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def fused_attention(q: Array, k: Array, v: Array, alive: Array | None,
+                    implementation: str) -> Array:
+    """softmax(q k^T) v per head through `jax.nn.dot_product_attention`; q, k, v [B, N, H, dh]
+    with the query already scaled; alive [B or 1, N]: keys that take part (None: all)."""
+    if alive is None:
+        return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation)
+    batch, n = q.shape[0], q.shape[1]
+    alive = jnp.broadcast_to(alive, (batch, n))
+    if implementation != "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=alive[:, None, None, :], scale=1.0,
+                                            implementation=implementation)
+    # cuDNN takes a mask as a bias of shape [B, 1, T, S], and in training only with an even
+    # sequence length: pad one dead key/query (197 tokens -> 198) and drop its row after.
+    pad = n % 2
+    if pad:
+        q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+        alive = jnp.pad(alive, ((0, 0), (0, pad)))
+    mask = jnp.broadcast_to(alive[:, None, None, :], (batch, 1, n + pad, n + pad))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn")
+    return out[:, :n]
+
+
 class Attention(nn.Module):
     num_heads: int
     head_dim: int
     dtype: Any = jnp.float32
+    implementation: str = "auto"  # see resolve_attention
 
     @nn.compact
     def __call__(self, x, head_mask=None, alive=None):
+        """-> (output [B, N, d], per-head outputs [B, N, H, dh], class attention [B, H, N])."""
         d = x.shape[-1]
         heads_shape = (self.num_heads, self.head_dim)
         qkv_kernel, qkv_bias = DenseParams((d,), (3, *heads_shape), name="qkv")()
@@ -133,17 +222,27 @@ class Attention(nn.Module):
         qkv_kernel = qkv_kernel.astype(self.dtype) * scale
         qkv_bias = qkv_bias.astype(self.dtype) * scale
         qkv = jnp.einsum("bnd,dthk->bnthk", x, qkv_kernel) + qkv_bias
-        # Heads-leading [3, B, H, N, dh]: both attention matmuls are then plain batched matmuls
-        # over (B, H). With [B, N, H, dh] operands XLA:CPU picks transposed operand layouts for
-        # the dots, which ran about 2x slower than this one explicit transpose.
-        q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
-        if alive is not None:
-            # Dropped tokens are no longer keys/values for anybody.
-            logits = jnp.where(alive[:, None, None, :], logits, _NEG_INF)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        heads = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v)
-        heads = jnp.transpose(heads, (0, 2, 1, 3))  # [B, N, H, dh], the layout aux promises
+        implementation = resolve_attention(self.implementation, self.dtype, self.head_dim)
+        if implementation == "explicit":
+            # Heads-leading [3, B, H, N, dh]: both attention matmuls are then plain batched
+            # matmuls over (B, H). With [B, N, H, dh] operands XLA:CPU picks transposed operand
+            # layouts for the dots, which ran about 2x slower than this one explicit transpose.
+            q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
+            logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+            if alive is not None:
+                # Dropped tokens are no longer keys/values for anybody.
+                logits = jnp.where(alive[:, None, None, :], logits, _NEG_INF)
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            heads = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v)
+            heads = jnp.transpose(heads, (0, 2, 1, 3))  # [B, N, H, dh], the layout aux promises
+            cls_attn = probs[:, :, 0, :]
+        else:
+            # The fused kernel never forms the probabilities; the class token's row, which
+            # token selection and the criteria need, is computed on its own (and is dead code,
+            # removed by XLA, where nobody reads it).
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, dh]
+            heads = fused_attention(q, k, v, alive, implementation)
+            cls_attn = class_attention(q[:, 0], k, alive)
         proj_kernel = proj_kernel.astype(self.dtype)
         proj_bias = proj_bias.astype(self.dtype)
         if head_mask is not None:
@@ -152,7 +251,7 @@ class Attention(nn.Module):
             # With every head dropped the sub-block is removed: no projection bias either.
             proj_bias = proj_bias * jnp.any(head_mask > 0).astype(self.dtype)
         out = jnp.einsum("bnhk,hkd->bnd", heads, proj_kernel) + proj_bias
-        return out, heads, probs[:, :, 0, :]
+        return out, heads, cls_attn
 
 
 class Mlp(nn.Module):
@@ -183,6 +282,17 @@ class Mlp(nn.Module):
         return out, 0.5 * half_gelu  # hidden: GELU output, before neuron masking
 
 
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT / DeiT-III, timm's `ls1.gamma`)."""
+
+    init_value: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+        return x * gamma.astype(x.dtype)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with a token selection layer between MHSA and FFN."""
 
@@ -191,7 +301,9 @@ class Block(nn.Module):
     mlp_dim: int
     drop_path: float = 0.0
     num_prefix: int = 1
+    attention: str = "auto"  # attention implementation, see resolve_attention
     dtype: Any = jnp.float32
+    layer_scale: bool = False  # ls1 / ls2 gammas on the two residual branches
 
     @nn.compact
     def __call__(self, x, alive, masks, train: bool = False, keep_indices=None, keep_count=None):
@@ -205,8 +317,10 @@ class Block(nn.Module):
         head_mask = masks.get("head")
         if self.num_heads:
             attn_out, heads, cls_attn = Attention(
-                self.num_heads, self.head_dim, self.dtype, name="attn"
+                self.num_heads, self.head_dim, self.dtype, self.attention, name="attn"
             )(ln("norm1")(x), head_mask, alive)
+            if self.layer_scale:
+                attn_out = LayerScale(name="ls1")(attn_out)
             x = x + drop_path_residual(attn_out, self.drop_path, not train, self)
             aux.update(attn_heads=heads, cls_attn=cls_attn)
             if head_mask is None:
@@ -242,6 +356,8 @@ class Block(nn.Module):
             mlp_out, hidden = Mlp(self.mlp_dim, self.dtype, name="mlp")(
                 ln("norm2")(x), neuron_mask
             )
+            if self.layer_scale:
+                mlp_out = LayerScale(name="ls2")(mlp_out)
             x = x + drop_path_residual(mlp_out, self.drop_path, not train, self)
             aux["ffn_hidden"] = hidden
         return x, alive, aux
@@ -286,6 +402,8 @@ class ViT(nn.Module):
     # Recompute each block's activations in the backward pass instead of storing them: less
     # memory for large batches (DeiT-B at 128 images per device), ~30% more compute.
     remat: bool = False
+    remat_policy: str = "full"  # what remat keeps: a key of REMAT_POLICIES
+    attention: str = "auto"  # attention implementation: a value of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images, masks: Masks | None = None, train: bool = False):
@@ -295,20 +413,39 @@ class ViT(nn.Module):
                 f"images have shape {images.shape}; this model expects "
                 f"[batch, {cfg.image_size}, {cfg.image_size}, {cfg.in_chans}]"
             )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}: choose one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        resolve_attention(self.attention, self.dtype, cfg.dim_per_head)  # a clear error early
         if masks is not None and cfg.is_pruned:
             raise ValueError("masks select sub-networks of a dense model; this model is pruned")
+        per_image = cfg.layer_tokens is not None and cfg.layer_token_indices is None
+        if not cfg.class_token and (per_image or (masks is not None
+                                                  and masks.token_keep is not None)):
+            raise ValueError(f"token_keep / layer_tokens without layer_token_indices select "
+                             f"tokens by class attention; this {cfg.family} has no class token: "
+                             "use static token masks (Masks.token, layer_token_indices)")
         d = cfg.embed_dim
         x = images.astype(self.dtype)
 
         x = PatchEmbed(cfg.patch_size, d, self.dtype, name="patch_embed")(x)
 
         tok_init = nn.initializers.truncated_normal(0.02)
-        prefix = [self.param("cls_token", tok_init, (1, 1, d))]
+        prefix = []
+        if cfg.class_token:
+            prefix.append(self.param("cls_token", tok_init, (1, 1, d)))
         if cfg.distilled:
             prefix.append(self.param("dist_token", tok_init, (1, 1, d)))
-        prefix = [jnp.broadcast_to(t.astype(self.dtype), (x.shape[0], 1, d)) for t in prefix]
-        x = jnp.concatenate([*prefix, x], axis=1)
-        x = x + self.param("pos_embed", tok_init, (1, cfg.num_tokens, d)).astype(self.dtype)
+        if cfg.reg_tokens:
+            prefix.append(self.param("reg_token", tok_init, (1, cfg.reg_tokens, d)))
+        prefix = [jnp.broadcast_to(t.astype(self.dtype), (x.shape[0], *t.shape[1:]))
+                  for t in prefix]
+        pos_embed = self.param("pos_embed", tok_init, (1, cfg.num_pos_embed, d))
+        pos_embed = pos_embed.astype(self.dtype)
+        if cfg.no_embed_class:  # timm's order: positions on the patches, then the prefix
+            x = jnp.concatenate([*prefix, x + pos_embed], axis=1)
+        else:
+            x = jnp.concatenate([*prefix, x], axis=1) + pos_embed
 
         alive = None
         blocks_aux = []
@@ -325,38 +462,66 @@ class ViT(nn.Module):
             elif cfg.layer_tokens is not None:
                 keep_count = cfg.layer_tokens[layer]
             rate = self.drop_path_rate * layer / max(cfg.depth - 1, 1)
-            block = nn.remat(Block, static_argnums=(4, 5, 6)) if self.remat else Block
+            block = Block
+            if self.remat:
+                block = nn.remat(Block, static_argnums=(4, 5, 6),
+                                 policy=REMAT_POLICIES[self.remat_policy])
             x, alive, block_aux = block(
                 num_heads=cfg.heads_at(layer),
                 head_dim=cfg.dim_per_head,
                 mlp_dim=cfg.mlp_dim_at(layer),
                 drop_path=rate,
                 num_prefix=cfg.num_prefix_tokens,
+                attention=self.attention,
                 dtype=self.dtype,
+                layer_scale=cfg.layer_scale,
                 name=f"blocks_{layer}",
             )(x, alive, layer_masks, train, keep_indices, keep_count)
             blocks_aux.append(block_aux)
 
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-        aux = {"blocks": blocks_aux, "pre_logits": x[:, 0]}
-        return classify(cfg, x, aux, self.dtype)
+        if not cfg.fc_norm:
+            x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        aux = {"blocks": blocks_aux}
+        return classify(cfg, x, aux, self.dtype, alive)
 
 
-def classify(cfg: ViTConfig, x: Array, aux: dict, dtype: Any) -> tuple[Array, dict]:
-    """(logits, aux) from the final normalised tokens x [B, N, d]: the class head (and the
-    distillation head, averaged, for distilled DeiT). Call it inside a compact `__call__`: the
-    Dense layers become the caller's submodules 'head' / 'head_dist'. Without classes (a
-    feature extractor) the class token's features, or the mean of both prefix tokens' as timm's
-    distilled DeiT without heads."""
+def pool(cfg: ViTConfig, x: Array, alive: Array | None = None) -> Array:
+    """[B, d] features of the final tokens x [B, N, d]: the class token, or (global_pool 'avg')
+    the mean of the patch tokens that are still alive (timm leaves prefix tokens out)."""
+    if cfg.global_pool == "token":
+        return x[:, 0]
+    # Summed in float32: a bfloat16 sum over 196 tokens would lose the mean's low bits.
+    patches = x[:, cfg.num_prefix_tokens:].astype(jnp.float32)
+    if alive is None:
+        return patches.mean(axis=1).astype(x.dtype)
+    weights = jnp.broadcast_to(alive, x.shape[:2])[:, cfg.num_prefix_tokens:]
+    weights = weights.astype(jnp.float32)[..., None]
+    mean = (patches * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+    return mean.astype(x.dtype)
+
+
+def classify(
+    cfg: ViTConfig, x: Array, aux: dict, dtype: Any, alive: Array | None = None
+) -> tuple[Array, dict]:
+    """(logits, aux) from the final tokens x [B, N, d] (normalised, unless fc_norm): pooling
+    (`pool`), fc_norm, then the class head (and the distillation head, averaged, for distilled
+    DeiT). Call it inside a compact `__call__`: the layers become the caller's submodules
+    'fc_norm' / 'head' / 'head_dist'. Sets aux['pre_logits']. Without classes (a feature
+    extractor) the pooled features, or the mean of both prefix tokens' as timm's distilled DeiT
+    without heads. alive [B, N]: tokens a masked run has not dropped (average pooling)."""
+    features = pool(cfg, x, alive)
+    if cfg.fc_norm:
+        features = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name="fc_norm")(features)
+    aux["pre_logits"] = features
     if not cfg.num_classes:
-        features = (x[:, 0] + x[:, 1]) / 2 if cfg.distilled else x[:, 0]
+        features = (x[:, 0] + x[:, 1]) / 2 if cfg.distilled else features
         return features.astype(jnp.float32), aux
 
     def head(name: str) -> nn.Dense:
         return nn.Dense(cfg.num_classes, dtype=dtype,
                         kernel_init=nn.initializers.truncated_normal(0.02), name=name)
 
-    logits = head("head")(x[:, 0]).astype(jnp.float32)
+    logits = head("head")(features).astype(jnp.float32)
     if cfg.distilled:
         # DeiT distilled: without a teacher both heads are trained alike; average them.
         logits_dist = head("head_dist")(x[:, 1]).astype(jnp.float32)

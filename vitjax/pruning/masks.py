@@ -65,6 +65,17 @@ def static_token_masks(token_ranks, keep_tokens, num_prefix: int) -> jax.Array:
     return jnp.stack(rows)
 
 
+def check_token_mode(config: ViTConfig, token_mode: str) -> None:
+    """Refuses per-image token selection by class attention for a model without a class token:
+    there is no class-token row to rank the tokens by. Static positions (scored by HSIC per
+    position) work for every family."""
+    if token_mode == "attention" and not config.class_token:
+        raise ValueError(
+            f"token_mode='attention' selects tokens by class attention, but this {config.family} "
+            "has no class token; use token_mode='static' (config.train.token_mode=static)"
+        )
+
+
 def masks_from_ranks(
     config: ViTConfig, ranks: Ranks, keep: KeepCounts, token_mode: str = "static"
 ) -> Masks:
@@ -83,6 +94,7 @@ def masks_from_ranks(
         return Masks(head=head.astype(jnp.float32), neuron=neuron.astype(jnp.float32),
                      token=token.astype(jnp.float32))
     if token_mode == "attention":
+        check_token_mode(config, token_mode)
         return Masks(head=head.astype(jnp.float32), neuron=neuron.astype(jnp.float32),
                      token_keep=jnp.asarray(keep.token, jnp.int32))
     raise ValueError(f"token_mode must be 'static' or 'attention', got {token_mode!r}")

@@ -13,7 +13,7 @@ import numpy as np
 
 from vitjax.models import axes
 from vitjax.models.config import ViTConfig
-from vitjax.pruning.masks import Ranks, static_token_masks
+from vitjax.pruning.masks import Ranks, check_token_mode, static_token_masks
 from vitjax.pruning.policy import Policy
 
 
@@ -42,6 +42,8 @@ def prune_params(
         pruned = dataclasses.replace(pruned, layer_token_indices=tuple(indices))
     elif token_mode != "attention":
         raise ValueError(f"token_mode must be 'static' or 'attention', got {token_mode!r}")
+    else:
+        check_token_mode(config, token_mode)
 
     params = jax.tree.map(np.asarray, params)
     out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
@@ -54,10 +56,15 @@ def prune_params(
         }
         new = {}
         # A sub-block with nothing kept is removed whole (its residual branch passes through).
-        for sub, norm, logical in (("attn", "norm1", axes.HEADS), ("mlp", "norm2", axes.MLP)):
+        # LayerScale gammas scale channels of d, not heads or neurons: kept whole with their
+        # sub-block.
+        for sub, norm, scale, logical in (("attn", "norm1", "ls1", axes.HEADS),
+                                          ("mlp", "norm2", "ls2", axes.MLP)):
             if kept[logical].size:
                 new[norm] = block[norm]
                 new[sub] = _slice_tree(block[sub], f"blocks_{layer}/{sub}", kept)
+                if scale in block:
+                    new[scale] = _slice_tree(block[scale], f"blocks_{layer}/{scale}", kept)
         out[f"blocks_{layer}"] = new
     return pruned, out
 

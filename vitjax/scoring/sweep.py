@@ -75,6 +75,9 @@ def run_criteria_sweep(
     score_config = score_config or ScoreConfig()
     ranks = criterion_ranks(model, params, score_images, score_config=score_config, seed=seed)
     dimension_criteria = {d: list(c) for d, c in DIMENSION_CRITERIA.items()}
+    if not config.class_token:
+        # Per-image selection by class attention needs a class token (vitjax.pruning.masks).
+        dimension_criteria["token"].remove("attn-prob")
     added = 0
     for label, extra_config in (extra_hsic or {}).items():
         if extra_config == score_config:

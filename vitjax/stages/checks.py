@@ -21,6 +21,8 @@ BOOKKEEPING = {
     "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
     "train.async_checkpoints", "train.eval_batch_size", "train.resume_overrides",
     "data.num_parallel_calls", "data.prefetch", "data.cache_eval",
+    # How the same numbers are computed (results equal up to float rounding).
+    "model.attention", "model.remat_policy",
 }
 # Optimisation hyper-parameters that `train.resume_overrides` may change when resuming a run
 # (e.g. a lower learning rate after the loss diverged).
@@ -54,12 +56,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     token_mode = train.get("token_mode", "attention")
     _require(token_mode in TOKEN_MODES,
              f"config.train.token_mode={token_mode!r}: choose one of {', '.join(TOKEN_MODES)}")
+    if token_mode == "attention" and config.model.get("class_token") is False:
+        _require(False, "config.train.token_mode='attention' selects tokens by class attention, "
+                 "but config.model has no class token (class_token=False); set "
+                 "--config.train.token_mode=static")
     dtype = config.model.get("dtype", "float32")
     try:
         ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
     except TypeError:
         ok = False
     _require(ok, f"config.model.dtype={dtype!r}: use float32 or bfloat16 (float16 also works)")
+    from vitjax.models.vit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+
+    attention = config.model.get("attention", "auto")
+    _require(attention in ATTENTION_IMPLEMENTATIONS,
+             f"config.model.attention={attention!r}: choose one of "
+             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    _require(attention != "cudnn" or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16),
+             f"config.model.attention='cudnn' needs config.model.dtype='bfloat16' (or float16), "
+             f"not {dtype!r}; or use attention='auto'")
+    remat_policy = config.model.get("remat_policy", "full")
+    _require(remat_policy in REMAT_POLICIES,
+             f"config.model.remat_policy={remat_policy!r}: choose one of "
+             f"{', '.join(REMAT_POLICIES)}")
     overrides = _split(train.get("resume_overrides", ""))
     unknown = sorted(set(overrides) - set(RESUMABLE_TRAIN_KEYS))
     _require(not unknown, f"config.train.resume_overrides names {unknown}: only "

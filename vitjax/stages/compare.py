@@ -143,7 +143,8 @@ def train_dynamicvit(ctx: Context, config: ViTConfig, params, target: float, out
           f"{tuple(round(r, 3) for r in dyn.ratios)}: {dynamicvit_gmacs(config, dyn):.4g} GMACs "
           f"(target {target:.4g})", flush=True)
     recipe = _recipe(ctx)
-    model = DynamicViT(config, dyn, dtype=ctx.model(config).dtype)
+    model = DynamicViT(config, dyn, dtype=ctx.model(config).dtype,
+                       attention=ctx.model(config).attention)
     block = ctx.config.compare
     loss_fn = dynamicvit_loss(
         model, ctx.model(), ratio_weight=float(block.get("ratio_weight", 2.0)),
@@ -205,7 +206,8 @@ def save_result(ctx: Context, method: str, result: dict, out) -> dict:
     summary.update(params=parameter_count(result["params"]), method=method,
                    weights=str(out / "model.safetensors"))
     if ctx.is_main:
-        save_model(out / "model.safetensors", result["config"], result["params"])
+        save_model(out / "model.safetensors", result["config"], result["params"],
+                   ctx.preprocessing)
         if "dynamicvit" in result:
             workdir_lib.write_json(out / DYNAMICVIT_FILE, result["dynamicvit"])
             summary["dynamicvit"] = result["dynamicvit"]

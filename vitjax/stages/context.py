@@ -103,6 +103,14 @@ class Context:
         return float(fraction) * self.dense_gmacs if fraction else None
 
     @property
+    def preprocessing(self) -> dict:
+        """The input normalisation of config.data, recorded in the weight files stages write
+        (vitjax.interop.checkpoints), so a later run from them can check it."""
+        data = self.config.data
+        return dict(mean=[float(v) for v in data.mean], std=[float(v) for v in data.std],
+                    known=True, source="config.data")
+
+    @property
     def token_mode(self) -> str:
         return self.config.train.get("token_mode", "attention")
 
@@ -112,7 +120,8 @@ class Context:
         drop_path = float(self.config.train.get("drop_path", 0.0)) if train else 0.0
         remat = bool(self.config.model.get("remat", False)) and train
         return ViT(config or self.model_config, drop_path_rate=drop_path, dtype=dtype,
-                   remat=remat)
+                   remat=remat, remat_policy=str(self.config.model.get("remat_policy", "full")),
+                   attention=str(self.config.model.get("attention", "auto")))
 
     @functools.cached_property
     def mesh(self):

@@ -63,7 +63,7 @@ def run(ctx: Context) -> dict:
         raise UserError("finetuning was preempted; rerun the same command to resume")
     finetuned = jax.device_get(result.params)
     if ctx.is_main:
-        save_model(out / FINETUNED_FILE, pruned_config, finetuned)
+        save_model(out / FINETUNED_FILE, pruned_config, finetuned, ctx.preprocessing)
     accuracy = {name: result.metrics[f"eval/{name}/model/accuracy"]
                 for name in datasets.eval_names}
     print("[vitjax] finetune: accuracy after finetuning "

@@ -6,15 +6,18 @@ ranks the supernet was last trained with, which later stages select sub-networks
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import tempfile
 
 import jax
+import numpy as np
 from etils import epath
 
 from vitjax.errors import UserError
-from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context
+from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context, local_copy
 
 
 class StepBatches:
@@ -36,28 +39,63 @@ class StepBatches:
 
 
 def load_init_checkpoint(ctx: Context, path: str):
-    """Parameters of `config.init.checkpoint`: a timm/DeiT checkpoint or a vitjax weight file
-    (the pipeline's supernet.safetensors, `vitjax.convert` output)."""
-    from vitjax.interop import is_native, load_native, load_timm
+    """Parameters of `config.init.checkpoint`: a timm/DeiT state dict, an AugReg / big_vision
+    .npz, or a vitjax weight file (the pipeline's supernet.safetensors, `vitjax.convert`
+    output). The input normalisation the checkpoint expects must be config.data's."""
+    from vitjax.interop import load_checkpoint
 
+    cfg = ctx.model_config
+    # .npz files are read member by member through epath (gs:// too); other remote files are
+    # copied to a local temporary file first.
+    remote = "://" in path and not path.lower().endswith(".npz")
     try:
-        if is_native(path):
-            config, params = load_native(path)
-        else:
-            # A timm state dict does not store the head count: config.model says it.
-            model, params = load_timm(path, num_classes=ctx.model_config.num_classes,
-                                      image_size=ctx.model_config.image_size,
-                                      num_heads=ctx.model_config.num_heads)
-            config = model.config
+        with local_copy(epath.Path(path)) if remote else contextlib.nullcontext(path) as local:
+            # Class count and image size follow config.model (head replaced, positions
+            # resampled); the heads are checked (.npz, vitjax) or stated (a timm state dict
+            # does not store them).
+            loaded = load_checkpoint(
+                local, num_classes=cfg.num_classes, image_size=cfg.image_size,
+                num_heads=cfg.num_heads,
+                preprocessing=ctx.config.init.get("preprocessing") or None)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise UserError(f"config.init.checkpoint: {e}") from None
-    if config != ctx.model_config:
-        want, got = ctx.model_config.to_dict(), config.to_dict()
+    config = loaded.config
+    if config != cfg:
+        want, got = cfg.to_dict(), config.to_dict()
         differing = [f"{k}={got.get(k)!r} (config.model: {want.get(k)!r})"
                      for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
-        raise UserError(f"config.init.checkpoint {path} does not fit config.model: "
-                        + ", ".join(differing))
-    return params
+        raise UserError(f"config.init.checkpoint {path} ({loaded.source_format} "
+                        f"{config.family}) does not fit config.model: " + ", ".join(differing))
+    check_preprocessing(ctx, path, loaded)
+    return loaded.params
+
+
+def check_preprocessing(ctx: Context, path: str, loaded) -> None:
+    """The data must be normalised as the checkpoint was trained: an error where the checkpoint
+    states its normalisation, a warning where it is only assumed (a timm state dict)."""
+    stats = loaded.preprocessing
+    data = ctx.config.data
+    if stats is None:
+        return
+    channels = int(data.get("channels", 3))
+
+    def per_channel(values):
+        values = tuple(float(v) for v in values)
+        return values * channels if len(values) == 1 else values
+
+    want = (per_channel(stats["mean"]), per_channel(stats["std"]))
+    have = (per_channel(data.mean), per_channel(data.std))
+    if all(len(w) == len(h) and np.allclose(w, h, rtol=0, atol=1e-6)
+           for w, h in zip(want, have, strict=True)):
+        return
+    message = (f"config.init.checkpoint {path} ({loaded.source_format} {loaded.config.family}) "
+               f"expects inputs normalised with mean {want[0]} std {want[1]}, but config.data "
+               f"has mean {have[0]} std {have[1]}; set config.data.mean/std to the "
+               "checkpoint's")
+    if stats.get("known", True) and ctx.config.init.get("check_preprocessing", True):
+        raise UserError(message + " (or config.init.check_preprocessing=False to go on)")
+    logging.warning("%s (the checkpoint's normalisation is assumed; set "
+                    "config.init.preprocessing='imagenet' or 'inception' to state it)", message)
 
 
 def run(ctx: Context) -> dict:
@@ -95,7 +133,7 @@ def run(ctx: Context) -> dict:
     if ctx.is_main:
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, SUPERNET_FILE)
-            save_native(local, ctx.model_config, params)
+            save_native(local, ctx.model_config, params, preprocessing=ctx.preprocessing)
             epath.Path(local).copy(out / (SUPERNET_FILE + ".tmp"), overwrite=True)
             (out / (SUPERNET_FILE + ".tmp")).replace(out / SUPERNET_FILE)
         if ranks is not None:

@@ -50,13 +50,14 @@ def parameter_count(params) -> int:
     return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
-def save_model(path: epath.Path, config, params) -> None:
-    """vitjax's weight file, written locally then copied (works for gs:// workdirs)."""
+def save_model(path: epath.Path, config, params, preprocessing=None) -> None:
+    """vitjax's weight file, written locally then copied (works for gs:// workdirs);
+    `preprocessing`: the input normalisation it was trained with (Context.preprocessing)."""
     from vitjax.interop import save_native
 
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, path.name)
-        save_native(local, config, params)
+        save_native(local, config, params, preprocessing=preprocessing)
         epath.Path(local).copy(path.parent / (path.name + ".tmp"), overwrite=True)
         (path.parent / (path.name + ".tmp")).replace(path)
 
@@ -98,7 +99,7 @@ def run(ctx: Context) -> dict:
         accuracy[name] = result["accuracy"]
     dense_gmacs, pruned_gmacs = ctx.dense_gmacs, count_flops(pruned_config).total
     if ctx.is_main:
-        save_model(out / PRUNED_FILE, pruned_config, pruned_params)
+        save_model(out / PRUNED_FILE, pruned_config, pruned_params, ctx.preprocessing)
         workdir_lib.write_text(out / "architecture.json", pruned_config.to_json())
         workdir_lib.write_text(out / "policy.json", policy.to_json())
     summary = {
