@@ -514,3 +514,19 @@ def test_every_searched_policy_stays_in_the_trained_region_and_meets_the_budget(
         assert min(evaluation.policy.keep_counts(DIGITS).head) >= min_heads
     cube = run_search(_FewerHeads(), DIGITS, target, space=space, region="cube", **kwargs)
     assert not all(region.inside(e.u) for e in cube.history)
+
+
+def test_a_log_written_before_new_model_fields_existed_still_resumes(tmp_path):
+    path = tmp_path / "log.jsonl"
+    first = _search(_Counting(), path, iterations=1)
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["model"]["class_token"]  # a field added later, at its default here
+    path.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    counting = _Counting()
+    again = _search(counting, path, iterations=1)
+    assert counting.seen == [] and _summary(again) == _summary(first)
+    header["model"]["depth"] = 6  # a real difference still stops the resume
+    path.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    with pytest.raises(UserError, match="model"):
+        _search(_Counting(), path, iterations=1)

@@ -220,9 +220,22 @@ def trained_region(config: ViTConfig, space: SearchSpace,
     return None if np.all(units >= 1.0) else tuple(float(v) for v in units)
 
 
+def _with_model_defaults(model: dict | None) -> dict | None:
+    """A logged model with the ViTConfig fields added since it was written, at their defaults
+    (the same architecture), so a search resumes across such an upgrade."""
+    if not isinstance(model, dict):
+        return model
+    filled = dict(model)
+    for field in dataclasses.fields(ViTConfig):
+        if field.name not in filled and field.default is not dataclasses.MISSING:
+            filled[field.name] = field.default
+    return filled
+
+
 def _check_header(logged: dict, expected: dict, path) -> None:
     if logged.get("type") != "header":
         raise UserError(f"search log {path} does not start with a header; delete it")
+    logged = {**logged, "model": _with_model_defaults(logged.get("model"))}
     differ = sorted(k for k in expected if logged.get(k) != expected[k])
     if differ:
         raise UserError(
