@@ -54,6 +54,10 @@ def main(argv):
             run_pipeline(config, workdir)
     except (UserError, CheckpointError, FloatingPointError) as e:
         _fail(_one_line(e))
+    except KeyboardInterrupt:
+        # Training saved a checkpoint before stopping; search logs are written per evaluation.
+        _fail("interrupted (Ctrl-C); finished work is kept: rerun the same command to resume",
+              status=130)
 
 
 def _one_line(error: BaseException | str) -> str:
@@ -66,12 +70,13 @@ def _one_line(error: BaseException | str) -> str:
     return "; ".join(line.strip() for line in lines if line.strip())
 
 
-def _fail(message: str) -> None:
-    """One line on stderr and exit status 2; skips interpreter teardown, where background
-    threads of orbax/TensorStore would otherwise print pages of shutdown noise."""
+def _fail(message: str, status: int = 2) -> None:
+    """One line on stderr and exit `status` (2; 130 for Ctrl-C, as shells report SIGINT);
+    skips interpreter teardown, where background threads of orbax/TensorStore would otherwise
+    print pages of shutdown noise."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(2)
+    os._exit(status)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

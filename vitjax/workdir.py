@@ -8,8 +8,10 @@ take for a finished one.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,6 +54,15 @@ def read_json(path: PathLike) -> Any:
     return json.loads(epath.Path(path).read_text())
 
 
+def file_digest(path: PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, read in chunks (weight files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]],
               fieldnames: Sequence[str] | None = None) -> epath.Path:
     buffer = io.StringIO()
@@ -62,8 +73,15 @@ def write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]],
 
 
 def write_npz(path: PathLike, arrays: Mapping[str, Any]) -> epath.Path:
+    """np.savez's format, but byte-for-byte reproducible: np.savez stamps every member with the
+    current time, so equal arrays saved twice would get different content hashes (the identity
+    a finished stage records, see vitjax.stages.provenance)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for key, value in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
     return write_bytes(path, buffer.getvalue())
 
 

@@ -35,6 +35,7 @@ scored 2.8%), while a GP fitted on a dozen points predicts it no worse than its 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -237,6 +238,12 @@ def _check_header(logged: dict, expected: dict, path) -> None:
         raise UserError(f"search log {path} does not start with a header; delete it")
     logged = {**logged, "model": _with_model_defaults(logged.get("model"))}
     differ = sorted(k for k in expected if logged.get(k) != expected[k])
+    if "provenance" in differ:  # name what the logged values measured: supernet, objective
+        logged_inputs = logged.get("provenance") or {}
+        differ.remove("provenance")
+        differ += [f"{k} (logged {logged_inputs.get(k, '<unset>')!r}, now {v!r})"
+                   for k, v in sorted(expected["provenance"].items())
+                   if logged_inputs.get(k) != v]
     if differ:
         raise UserError(
             f"search log {path} belongs to a different search ({', '.join(differ)} differ); "
@@ -307,12 +314,15 @@ def run_search(
     is_writer: bool = True,
     sync: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
+    provenance: dict | None = None,
     trained_gmacs: float | None = None,
     **overrides,
 ) -> SearchResult:
     """Searches the policy that maximises `objective` under `target_gmacs` (see the module
     docstring). `overrides` replace fields of `settings`, e.g. `run_search(f, cfg, 2.7,
     method='random', iterations=10)`. `log_path=None` keeps the log in memory (no resume).
+    `provenance` (JSON) says what the objective measures (which supernet, which objective); it
+    goes into the log's header, and a log with another one is never resumed.
     `trained_gmacs`: the FLOPs target the supernet's training policies were drawn for (None:
     `target_gmacs`, the paper's setting); with `settings.region='trained'` every policy stays
     in the box U_T drew them from (`trained_region`)."""
@@ -332,6 +342,8 @@ def run_search(
     log = SearchLog(log_path, is_writer=is_writer)
     records = log.read()
     header = _header(settings, problem)
+    if provenance is not None:
+        header["provenance"] = json.loads(json.dumps(provenance, sort_keys=True))
     if records:
         _check_header(records[0], header, log_path)
     else:

@@ -2,8 +2,10 @@
 
 A stage is a function `run(ctx: Context) -> dict` that reads the workdir (earlier stages'
 results) and writes `workdir/<stage>/`; its returned summary becomes `<stage>/DONE.json`, written
-last, so a stage with a DONE.json is finished and is skipped on a rerun. `vitjax.stages.runner`
-runs them in `ORDER`; `vitjax.main` only parses flags and calls it.
+last, so a stage with a DONE.json is finished and is skipped on a rerun, unless the runner finds
+it damaged or made from inputs that changed since (`vitjax.stages.provenance`: DONE.json also
+records the stage's result files, their identity, and the identities of the stages it read).
+`vitjax.stages.runner` runs them in `ORDER`; `vitjax.main` only parses flags and calls it.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ STAGES: dict[str, Stage] = {
         Stage("compare", compare.run, ("pretrain", "prune"), ("compare", "finetune"),
               "DynamicViT, block pruning, block + token at matched FLOPs (second paper)"),
         Stage("report", report.run,
-              ("pretrain", "criteria", "search", "ablation", "prune", "finetune", "export",
-               "compare"), (),
+              ("pretrain", "score", "criteria", "search", "ablation", "prune", "finetune",
+               "export", "compare"), (),
               "report.md with the paper's tables"),
     )
 }

@@ -57,7 +57,7 @@ def _most_pruned_gmacs(space, config) -> float:
 def run(ctx: Context) -> dict:
     from vitjax.evaluate import evaluate
     from vitjax.search import SearchSettings, run_search
-    from vitjax.stages.search import _sync, make_objective, target_gmacs
+    from vitjax.stages.search import _sync, make_objective, provenance, target_gmacs
 
     block = ctx.config.get("ablation")
     names = tuple(block.get("dimensions", ()) or ()) if block else ()
@@ -110,6 +110,7 @@ def run(ctx: Context) -> dict:
         result = run_search(
             objective, config, budget, space=space, settings=settings,
             log_path=out / f"{name}.jsonl", is_writer=ctx.is_main, sync=_sync,
+            provenance=provenance(ctx),
             progress=lambda line, head=head: print(f"{head}: {line}", flush=True),
             trained_gmacs=ctx.target_gmacs)
         accuracy = test_accuracy(result.best_policy)

@@ -79,7 +79,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _require(remat_policy in REMAT_POLICIES,
              f"config.model.remat_policy={remat_policy!r}: choose one of "
              f"{', '.join(REMAT_POLICIES)}")
-    overrides = _split(train.get("resume_overrides", ""))
+    overrides = resume_overrides(config)
     unknown = sorted(set(overrides) - set(RESUMABLE_TRAIN_KEYS))
     _require(not unknown, f"config.train.resume_overrides names {unknown}: only "
              f"{', '.join(RESUMABLE_TRAIN_KEYS)} may change when resuming")
@@ -137,6 +137,11 @@ def check_workdir(path: epath.Path) -> None:
                         "to") from None
     except OSError as e:
         raise UserError(f"--workdir {path} cannot be used: {e.strerror or e}") from None
+
+
+def resume_overrides(config: ml_collections.ConfigDict) -> list[str]:
+    """The keys of config.train that train.resume_overrides lets a resumed run change."""
+    return _split(config.train.get("resume_overrides", ""))
 
 
 def _split(value: Any) -> list[str]:

@@ -15,13 +15,20 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vitjax import workdir as workdir_lib
 from vitjax.configs import model_config_from
 from vitjax.errors import UserError
 from vitjax.models import ViT, ViTConfig
 
 SUPERNET_FILE = "supernet.safetensors"
 RANKS_FILE = "ranks.npz"  # the ranks the supernet was last trained with (save_scores format)
+
+
+def _damaged(path, stage: str, error: BaseException) -> str:
+    what = "is missing" if isinstance(error, FileNotFoundError) else \
+        f"cannot be read ({type(error).__name__}: {str(error)[:120]})"
+    return (f"{path} {what} although stage {stage!r} finished; delete "
+            f"{path.parent / 'DONE.json'} and rerun with --config.stages={stage},... to redo it "
+            "(from its final checkpoint where one is kept)")
 
 
 @contextlib.contextmanager
@@ -42,6 +49,9 @@ class Context:
 
     config: ml_collections.ConfigDict
     workdir: epath.Path
+    # Stages whose summary the running stage read: the runner records their identities as its
+    # inputs (vitjax.stages.provenance), besides its upstream in the stage table.
+    reads: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -58,13 +68,21 @@ class Context:
 
     def summary(self, stage: str) -> dict:
         """The DONE.json summary of a finished stage; a clear error if it has not run."""
+        from vitjax.stages.provenance import read_record
+
         path = self.done_file(stage)
-        if not path.exists():
+        record, problem = read_record(path)
+        if problem:
+            raise UserError(f"{path} {problem}; delete it and rerun with --config.stages="
+                            f"{stage},... to redo that stage (its checkpoints and logs are "
+                            "resumed)")
+        if record is None:
             raise UserError(
                 f"stage {stage!r} has not run in {self.workdir}; run it first "
                 f"(--config.stages={stage},...)"
             )
-        return workdir_lib.read_json(path)
+        self.reads.add(stage)
+        return record
 
     # -- model ---------------------------------------------------------------------------------
     @functools.cached_property
@@ -210,8 +228,11 @@ class Context:
         path = self.workdir / "pretrain" / SUPERNET_FILE
         if not path.exists():
             raise UserError(f"no supernet at {path}: run the pretrain stage first")
-        with local_copy(path) as local:
-            config, params = load_native(local)
+        try:
+            with local_copy(path) as local:
+                config, params = load_native(local)
+        except Exception as e:  # noqa: BLE001 - safetensors/json raise many types: all "damaged"
+            raise UserError(_damaged(path, "pretrain", e)) from None
         if config != self.model_config:
             raise UserError(
                 f"the supernet in {path} was trained for another architecture than "
@@ -233,7 +254,11 @@ class Context:
         rescore = bool(self.config.get("score", {}).get("rescore", False))
         stage, name = ("score", "scores.npz") if rescore else ("pretrain", RANKS_FILE)
         self.summary(stage)
-        ranks = load_ranks(self.workdir / stage / name)
+        path = self.workdir / stage / name
+        try:
+            ranks = load_ranks(path)
+        except Exception as e:  # noqa: BLE001 - missing, truncated, not an npz: all "damaged"
+            raise UserError(_damaged(path, stage, e)) from None
         if self.token_mode == "static" and ranks.token is None:
             raise UserError(
                 f"{self.workdir / stage / name} has no token ranks but train.token_mode="

@@ -51,6 +51,19 @@ def make_objective(ctx: Context, params, ranks, *, split: str = "holdout"):
     return objective
 
 
+def provenance(ctx: Context) -> dict:
+    """What a search log's values measure, for its header: the supernet (and, with
+    score.rescore, the score stage's ranks) by identity, and the objective."""
+    block = ctx.config.search
+    rescore = bool(ctx.config.get("score", {}).get("rescore", False))
+    out = {"supernet": ctx.summary("pretrain").get("identity"),
+           "objective": block.get("objective", "accuracy"),
+           "loss_weight": float(block.get("loss_weight", 0.0))}
+    if rescore:
+        out["ranks"] = ctx.summary("score").get("identity")
+    return out
+
+
 def _sync(u: np.ndarray) -> np.ndarray:
     """Every host must evaluate the same policies: take process 0's proposal (they are
     deterministic from the log, this guards against floating-point differences)."""
@@ -104,7 +117,8 @@ def run(ctx: Context) -> dict:
         results[method] = run_search(
             objective, ctx.model_config, target, space=space, settings=settings,
             log_path=out / name, is_writer=ctx.is_main, sync=_sync, progress=progress,
-            method=method, trained_gmacs=ctx.target_gmacs, **baseline_region(settings, method),
+            provenance=provenance(ctx), method=method, trained_gmacs=ctx.target_gmacs,
+            **baseline_region(settings, method),
         )
     result = results[settings.method]
     low, median, high = result.initial_spread

@@ -202,14 +202,27 @@ class PreemptionWatch:
     def __init__(self):
         self._flag = threading.Event()
         self._previous = None
+        self._previous_int = None
+        self.interrupted = False  # stopped by Ctrl-C (SIGINT) rather than SIGTERM
         self._multiprocess = jax.process_count() > 1
         if not self._multiprocess and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            # Ctrl-C saves like SIGTERM instead of losing the steps since the last checkpoint;
+            # a second Ctrl-C (the previous handler is back) stops at once.
+            self._previous_int = signal.signal(signal.SIGINT, self._handle_int)
 
     def _handle(self, signum, frame):
         del signum, frame
         logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
         self._flag.set()
+
+    def _handle_int(self, signum, frame):
+        del signum, frame
+        print("[vitjax] Ctrl-C: saving a checkpoint after this step (press Ctrl-C again to "
+              "stop at once)", flush=True)
+        self.interrupted = True
+        self._flag.set()
+        signal.signal(signal.SIGINT, self._previous_int)
 
     def should_stop(self, step: int) -> bool:
         if not self._multiprocess:
@@ -223,3 +236,6 @@ class PreemptionWatch:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
+            self._previous_int = None

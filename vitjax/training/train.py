@@ -437,6 +437,10 @@ def train(
         watch.close()
         checkpointer.close()
         writer.flush()
+    if preempted and watch.interrupted:
+        print(f"[vitjax] interrupted: saved a checkpoint at step {done} in "
+              f"{checkpointer.directory}", flush=True)
+        raise KeyboardInterrupt
     return TrainResult(
         params=state.params, metrics=eval_metrics, step=done, preempted=preempted,
         ranks=ranks_from_dict(state.ranks),
