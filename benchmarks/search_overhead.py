@@ -37,8 +37,10 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tol", type=float, default=0.05, help="FLOPs band [T(1-tol), T]")
     parser.add_argument("--methods", default="gp,authors,random",
-                        help="gp | authors | random | gp-whole-cube (gp without the trust "
-                             "region: SLSQP over the whole cube, the paper's literal (4))")
+                        help="gp | authors | random | gp-cube (gp over the whole cube instead "
+                             "of the region U_T samples from, with the trust region) | "
+                             "gp-whole-cube (gp over the whole cube without the trust region: "
+                             "the paper's literal (4))")
     args = parser.parse_args()
 
     config = ViTConfig.from_variant(args.variant)
@@ -56,8 +58,10 @@ def main():
         for method in methods:
             objective = SyntheticObjective(config, seed)
             variant = {}
+            if method in ("gp-cube", "gp-whole-cube"):
+                variant = dict(region="cube")
             if method == "gp-whole-cube":
-                variant = dict(acquisition=AcquisitionSettings(trust_region=False))
+                variant["acquisition"] = AcquisitionSettings(trust_region=False)
             result = run_search(objective, config, target, space=space,
                                 method=method.split("-")[0], population=args.population,
                                 iterations=args.iterations, seed=seed, tol=args.tol,

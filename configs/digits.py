@@ -1,26 +1,37 @@
-"""The embedded default: the whole pipeline on scikit-learn's bundled handwritten digits.
+"""The embedded default: compress a trained ViT on scikit-learn's bundled handwritten digits.
 
     python -m vitjax.main --config=configs/digits.py --workdir=runs/digits
 
-Runs offline on two CPU cores in about 9 minutes (measured 8 min 53 s): a small ViT (32x32
-inputs, 4x4 patches, 65 tokens) is pretrained as a supernet over policies at 60% of its dense
-FLOPs, scored with HSIC, the pruning criteria are compared (Fig. 1), the policy at 60% of the
-FLOPs is searched (GP + EI + SQP, with random search and the authors' method at the same
-budget), the dimension ablation and the accuracy-vs-FLOPs front are searched (Table 3 left,
-Fig. 2), the policy is cut out, finetuned, exported and reported in
-runs/digits/report/report.md. Expect about 94% test accuracy dense and 94-95% for the pruned
-model (BUILD_NOTES.md has the measured numbers; --config.train.steps=1000 reached 96.4% dense
-and pretrains about 2.5 minutes longer).
+Runs offline on two CPU cores in about 10 minutes (README.md has the measured time). It starts
+where a user starts, from a trained dense model: the small digits ViT (32x32 inputs, 4x4
+patches, 65 tokens) shipped in timm's format (vitjax/assets/digits_vit.safetensors, made by
+tools/make_digits_reference.py), loaded through `config.init.checkpoint` like a DeiT checkpoint.
+The supernet is trained from it for 200 steps over policies at 60% of its dense FLOPs with the
+dense model as teacher; then HSIC scores, the pruning criteria (Fig. 1), the policy search at
+60% of the FLOPs (GP + EI + SQP, with random search and the authors' method at the same
+budget), the dimension ablation and the accuracy-vs-FLOPs front (Table 3 left, Fig. 2); the
+policy is cut out and finetuned (100 steps, same teacher); the no-supernet baseline cuts the
+same policy out of the dense model and trains it as long as supernet + finetuning together;
+export and runs/digits/report/report.md, which opens with what compressing cost: accuracy lost
+for FLOPs and time saved. BUILD_NOTES.md has the measured numbers.
+
+Config arguments (comma-separated): 'flops=F' (the FLOPs budget as a fraction of dense, default
+0.6); 'scratch' (the paper's recipe instead: the supernet trained from random weights, 700
+steps, no teacher); 'init=CHECKPOINT' (start from another trained digits model); 'expand=W'
+(expand-then-compress, implies 'scratch'); 'distilled'; 'compare' (DynamicViT and block pruning).
 """
 
 import ml_collections
 
 from vitjax.configs import (
+    DIGITS_REFERENCE,
     ablation_config,
+    baseline_config,
     compare_config,
     expand_model_config,
     export_config,
     finetune_config,
+    from_pretrained_recipe,
     parse_arg,
     prune_config,
 )
@@ -34,9 +45,8 @@ from vitjax.training.config import (
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """arg: comma-separated 'flops=F' (the FLOPs budget as a fraction of dense, default 0.6),
-    'expand=W' (expand-then-compress: a W times wider model compressed to this model's FLOPs,
-    compared with the run in runs/digits), 'distilled'."""
+    """arg: see the module docstring ('flops=F', 'scratch', 'init=CHECKPOINT', 'expand=W',
+    'distilled', 'compare')."""
     options = parse_arg(arg)
     config = ml_collections.ConfigDict()
     config.stages = "pretrain,score,criteria,search,ablation,prune,finetune,export,compare,report"
@@ -63,8 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         remat_policy="full",  # with remat: 'full' recomputes all, 'dots' keeps matmul outputs
         attention="auto",  # 'auto' | 'xla' | 'cudnn' | 'explicit' (see vitjax.models.vit)
     ))
-    # Start from converted timm/DeiT weights instead of from scratch (path to .pth/.safetensors,
-    # or an AugReg / big_vision .npz).
+    # The trained model to compress (timm .pth/.safetensors, an AugReg / big_vision .npz or a
+    # vitjax file); empty: the supernet is trained from random weights (the paper's recipe,
+    # 'scratch').
     config.init = ml_collections.ConfigDict(dict(
         checkpoint="",
         # What a timm state dict expects: "imagenet" (mean/std) or "inception" ([-1, 1]); .npz
@@ -111,11 +122,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.prune = prune_config()
     config.finetune = finetune_config(steps=100, lr=5e-4, warmup_steps=10, eval_every=0,
                                       ckpt_every=50)
+    config.baseline = baseline_config()
     config.export = export_config()
     # The second paper's systems at the pruned model's FLOPs: off by default (about 4 more
     # minutes); `configs/digits.py:compare` turns them on.
     config.compare = compare_config(*(("dynamicvit", "block", "block+token")
                                       if options.get("compare") else ()))
     if "expand" in options:
+        # A wider model has no trained dense version to start from.
         expand_model_config(config, options["expand"], baseline_workdir="runs/digits")
+    elif not options.get("scratch"):
+        # From the trained model: a finetune-sized schedule with the dense model as teacher.
+        from_pretrained_recipe(config, options.get("init") or DIGITS_REFERENCE, steps=200,
+                               finetune_steps=100, lr=5e-4, finetune_lr=2e-4,
+                               warmup_steps=30, finetune_warmup_steps=10)
+        config.train.update(score_every=100, eval_every=100, ckpt_every=100)
     return config

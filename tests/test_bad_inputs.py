@@ -167,7 +167,8 @@ def test_damaged_checkpoint_is_one_line(tmp_path):
     for path in (tmp_path / "pretrain" / "checkpoints" / "4").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
-    args = ["--config=configs/digits.py", f"--workdir={tmp_path}", "--config.stages=pretrain",
+    args = ["--config=configs/digits.py:scratch", f"--workdir={tmp_path}",
+            "--config.stages=pretrain",
             *(f"--config.{k}={v}" for k, v in _TINY_FLAGS.items())]
     _assert_one_line_error(_cli(*args), "checkpoints/4 is unreadable")
 
@@ -184,7 +185,7 @@ def test_tiny_flags_match_the_in_process_config():
     config = tiny_digits()
     flat = checks.flatten(config.to_dict())
     assert {k: flat[k] for k in _TINY_FLAGS} == _TINY_FLAGS
-    assert load_config("digits").train.steps == 700  # the shipped default is untouched
+    assert load_config("digits").train.steps == 200  # the shipped default is untouched
 
 
 def test_convert_refuses_a_missing_output_directory_and_keeps_the_umask(tmp_path):

@@ -20,7 +20,7 @@ TINY = [
 
 
 def _main(workdir, *args):
-    cmd = [sys.executable, "-m", "vitjax.main", "--config=configs/digits.py",
+    cmd = [sys.executable, "-m", "vitjax.main", "--config=configs/digits.py:scratch",
            f"--workdir={workdir}", *TINY, *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
@@ -67,7 +67,7 @@ def test_bad_input_is_one_clear_error_and_a_nonzero_exit(tmp_path, args, message
 def test_two_processes_run_the_pipeline_through_the_local_launcher(tmp_path):
     """launch/local_multiprocess.sh: 2 processes x 2 CPU devices, one shared workdir."""
     cmd = ["bash", "launch/local_multiprocess.sh", "2", "2", "--", sys.executable, "-m",
-           "vitjax.main", "--config=configs/digits.py", f"--workdir={tmp_path}", *TINY,
+           "vitjax.main", "--config=configs/digits.py:scratch", f"--workdir={tmp_path}", *TINY,
            "--config.stages=pretrain,score"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)

@@ -17,7 +17,7 @@ from sklearn.gaussian_process.kernels import RBF, ConstantKernel, Matern, WhiteK
 from vitjax.errors import UserError
 from vitjax.models import ViTConfig
 from vitjax.pruning import Policy, count_flops, count_flops_batch
-from vitjax.pruning.policy import calibrated_space
+from vitjax.pruning.policy import calibrated_space, sample_policy
 from vitjax.search import (
     AcquisitionSettings,
     GPParams,
@@ -36,6 +36,7 @@ from vitjax.search import (
     read_log,
     repair,
     run_search,
+    trained_region,
     trust_region_length,
 )
 from vitjax.search.gp import numerics
@@ -450,3 +451,82 @@ def test_config_block_and_argument_errors():
     with pytest.raises(ValueError, match="non-finite"):
         run_search(lambda p: [float("nan")] * len(p), DEIT_S, TARGET, population=3,
                    iterations=0)
+
+
+# ------------------------------------------------------------------------------ trained region
+DIGITS = ViTConfig(num_classes=10, image_size=32, patch_size=4, embed_dim=96, depth=4,
+                   num_heads=4, mlp_dim=384)
+
+
+class _FewerHeads:
+    """Rewards pruning heads in blocks 0 and 3 (what drew the old search to keep 1 head of 4,
+    a sub-network the supernet never trained), smooth in the other ratios."""
+
+    def __call__(self, policies):
+        return [0.9 + 0.1 * (p.head[0] + p.head[3]) - 0.01 * float(np.sum(p.to_vector() ** 2))
+                for p in policies]
+
+
+def test_trained_region_is_the_box_u_t_drew_the_supernets_policies_from():
+    space = SearchSpace.paper(4)
+    dense = count_flops(DIGITS).total
+    trained = calibrated_space(DIGITS, 0.6 * dense)
+    upper = trained_region(DIGITS, space, 0.6 * dense)
+    np.testing.assert_allclose(np.asarray(upper) * 0.9, np.repeat(
+        [trained.neuron, trained.head, trained.token], 4))
+    # Policies the supernet trained with (sample_policy at its target) all lie inside it.
+    problem = Problem(DIGITS, space, 0.6 * dense, upper=upper)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        policy = sample_policy(DIGITS, rng, target_gmacs=0.6 * dense, tol=0.2)
+        assert problem.inside(space.from_policy(policy))
+    # At the trained target the region cuts nothing from U_T: the same initial population.
+    for tol in (None, 0.05):
+        plain = Problem(DIGITS, space, 0.6 * dense, tol=tol).sample(np.random.default_rng(3), 20)
+        boxed = Problem(DIGITS, space, 0.6 * dense, tol=tol, upper=upper).sample(
+            np.random.default_rng(3), 20)
+        np.testing.assert_array_equal(plain, boxed)
+    assert trained_region(DIGITS, space, None) is None  # 0.9 = cube
+
+
+@pytest.mark.parametrize("target_fraction", [0.6, 0.4])
+def test_every_searched_policy_stays_in_the_trained_region_and_meets_the_budget(
+        target_fraction):
+    """The invariant of region='trained' (default): every evaluated policy, initial and
+    proposed, lies inside the box the supernet was trained on (trained at 60% of the FLOPs)
+    and meets the budget, also at 40% where U_T's own box is wider. The objective pulls
+    towards pruning heads; over the whole cube the search leaves the region."""
+    space = SearchSpace.paper(4)
+    dense = count_flops(DIGITS).total
+    target, trained = target_fraction * dense, 0.6 * dense
+    upper = trained_region(DIGITS, space, trained)
+    region = Problem(DIGITS, space, target, upper=upper)
+    kwargs = dict(method="gp", population=6, iterations=4, seed=0, tol=0.05, restarts=1,
+                  acquisition=AcquisitionSettings(starts=2, candidates=64),
+                  progress=lambda line: None, trained_gmacs=trained)
+    result = run_search(_FewerHeads(), DIGITS, target, space=space, **kwargs)
+    assert len(result.history) == 10
+    min_heads = math.ceil(round((1 - calibrated_space(DIGITS, trained).head) * 4, 9))
+    for evaluation in result.history:
+        assert region.inside(evaluation.u), evaluation.policy
+        assert evaluation.gmacs <= target
+        assert count_flops(DIGITS, evaluation.policy).total <= target
+        assert min(evaluation.policy.keep_counts(DIGITS).head) >= min_heads
+    cube = run_search(_FewerHeads(), DIGITS, target, space=space, region="cube", **kwargs)
+    assert not all(region.inside(e.u) for e in cube.history)
+
+
+def test_a_log_written_before_new_model_fields_existed_still_resumes(tmp_path):
+    path = tmp_path / "log.jsonl"
+    first = _search(_Counting(), path, iterations=1)
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["model"]["class_token"]  # a field added later, at its default here
+    path.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    counting = _Counting()
+    again = _search(counting, path, iterations=1)
+    assert counting.seen == [] and _summary(again) == _summary(first)
+    header["model"]["depth"] = 6  # a real difference still stops the resume
+    path.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    with pytest.raises(UserError, match="model"):
+        _search(_Counting(), path, iterations=1)

@@ -31,7 +31,8 @@ def test_verdicts_follow_the_per_seed_margins():
     fails = {s: _run(0.96, 0.94 - s / 100, 0.95, 0.96 + s / 1000, 0.90, 0.93) for s in range(3)}
     verdicts = _verdicts(fails)
     assert verdicts == {"compression": "does not hold", "search": "does not hold",
-                        "dimensions": "does not hold", "criteria": "not measured"}
+                        "dimensions": "does not hold", "criteria": "not measured",
+                        "supernet": "not measured"}
 
     # Signs that disagree between seeds: within noise.
     mixed = {0: _run(0.96, 0.95, 0.97, 0.96, 0.95, 0.94),
@@ -90,3 +91,47 @@ def test_study_runs_each_seed_in_its_own_workdir(tmp_path):
     config.study.seeds = (0,)
     with pytest.raises(UserError, match="at least 2 distinct seeds"):
         run_study(config, tmp_path)
+
+
+def test_supernet_verdict_compares_with_the_no_supernet_baseline():
+    runs = {s: {"dense": 0.98, "finetuned": 0.975 + s / 1000, "baseline": 0.96} for s in range(3)}
+    claim = next(c for c in evaluate_claims(runs) if c["claim"] == "supernet")
+    assert claim["verdict"] == "holds"
+    assert claim["margins"] == pytest.approx([0.015, 0.016, 0.017])
+    worse = {s: {**r, "baseline": 0.99} for s, r in runs.items()}
+    assert _verdicts(worse)["supernet"] == "does not hold"
+
+
+def test_study_of_the_from_pretrained_recipe_reports_the_baseline(tmp_path):
+    """Two seeds of a tiny run from a trained checkpoint: dense is the checkpoint's accuracy,
+    the baseline appears per seed with the supernet verdict."""
+    import jax
+
+    from vitjax.configs import from_pretrained_recipe
+    from vitjax.interop import save_timm
+    from vitjax.models import init_params
+    from vitjax.stages import runner
+
+    config = tiny_digits()
+    ctx = runner.Context(config, tmp_path / "probe")
+    save_timm(ctx.model_config, jax.device_get(init_params(ctx.model(), jax.random.key(0))),
+              str(tmp_path / "dense.safetensors"))
+    from_pretrained_recipe(config, str(tmp_path / "dense.safetensors"), steps=2,
+                           finetune_steps=2, lr=1e-3, finetune_lr=1e-3, warmup_steps=1,
+                           finetune_warmup_steps=1)
+    config.stages = "pretrain,search,prune,finetune,baseline"
+    config.search.update(population=2, iterations=1, restarts=1, baselines=())
+    config.train.update(ckpt_every=2, eval_every=2)
+    config.finetune.update(ckpt_every=2)
+    config.study = load_config("digits_study").study
+    config.study.seeds = (0, 1)
+    summary = run_study(config, tmp_path / "study")
+    runs = summary["runs"]
+    init = [read_json(tmp_path / "study" / f"seed_{s}" / "pretrain" / "DONE.json")
+            ["init_accuracy"]["test"] for s in (0, 1)]
+    assert [runs[s]["dense"] for s in (0, 1)] == init and init[0] == init[1]
+    text = (tmp_path / "study" / "study.md").read_text()
+    baseline = [runs[s]["baseline"] for s in (0, 1)]
+    assert ("| no supernet: same policy cut from the dense model, trained as long | "
+            f"{100 * np.mean(baseline):.2f}") in text
+    assert "| the supernet beats the no-supernet baseline at equal training steps |" in text

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import ml_collections
 
 from vitjax.data.config import deit_augment_config, imagenet_data_config
 from vitjax.search.config import default_search_config
 from vitjax.training.config import (
+    IMAGENET_TRAIN_IMAGES,
     default_distributed_config,
     default_mesh_config,
     deit_train_config,
 )
+
+# The trained dense digits ViT the embedded default compresses (tools/make_digits_reference.py
+# writes it in timm's format; package data, so installs carry it).
+DIGITS_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                                "digits_vit.safetensors")
 
 # Table 3 left, in the paper's order (head pruning alone cannot reach 40% fewer FLOPs).
 ABLATION_COMBINATIONS = ("neuron", "token", "head+neuron", "neuron+token", "head+token",
@@ -23,16 +30,46 @@ def parse_arg(arg: str | None) -> dict:
     """'distilled,flops=0.4' (a config file's argument) -> deit_imagenet_config keywords."""
     out: dict = {}
     for item in filter(None, (part.strip() for part in (arg or "").split(","))):
-        if item in ("distilled", "compare"):
+        if item in ("distilled", "compare", "scratch"):
             out[item] = True
         elif item.startswith("flops="):
             out["target_flops_fraction"] = float(item.split("=", 1)[1])
         elif item.startswith("expand="):
             out["expand"] = float(item.split("=", 1)[1])
+        elif item.startswith("init="):
+            out["init"] = item.split("=", 1)[1]
         else:
             raise ValueError(f"config argument {item!r}: expected 'distilled', 'compare', "
-                             "'flops=F' or 'expand=W'")
+                             "'scratch', 'flops=F', 'expand=W' or 'init=CHECKPOINT'")
+    if out.get("scratch") and out.get("init"):
+        raise ValueError("config arguments 'scratch' and 'init=...' exclude each other")
     return out
+
+
+def from_pretrained_recipe(config: ml_collections.ConfigDict, checkpoint: str, *,
+                           steps: int, finetune_steps: int, lr: float, finetune_lr: float,
+                           warmup_steps: int, finetune_warmup_steps: int,
+                           distill: float = 0.5, temperature: float = 1.0,
+                           ) -> ml_collections.ConfigDict:
+    """The main road: compress a trained model. The supernet starts from `checkpoint` and is
+    trained for a finetune-sized schedule with the frozen dense model as teacher; the pruned
+    model's finetuning distils from the same teacher; the `baseline` stage measures what the
+    supernet buys (the same policy cut from the dense model, trained as long without it).
+
+    Distillation: logit KL with weight 0.5 and temperature 1, as DynamicViT distils a pruned
+    DeiT from its own dense model (DeiT's soft distillation used T=3, weight 0.1, for a CNN
+    teacher of another family). Mutates and returns config."""
+    config.init.checkpoint = checkpoint
+    config.train.update(steps=steps, lr=lr, warmup_steps=warmup_steps, distill=distill,
+                        temperature=temperature)
+    config.finetune.update(steps=finetune_steps, lr=finetune_lr,
+                           warmup_steps=finetune_warmup_steps, distill=distill,
+                           temperature=temperature)
+    stages = [s.strip() for s in str(config.stages).split(",")]
+    if "baseline" not in stages:
+        stages.insert(stages.index("finetune") + 1, "baseline")
+    config.stages = ",".join(stages)
+    return config
 
 
 def model_config_from(config: ml_collections.ConfigDict):
@@ -119,7 +156,8 @@ def compare_config(*methods: str, steps: int | None = None) -> ml_collections.Co
 
 def finetune_config(**train_overrides) -> ml_collections.ConfigDict:
     """`config.finetune`: keys of config.train to override for finetuning the pruned model
-    (same recipe by default, Sec. 4), plus logit distillation from the dense supernet.
+    (same recipe by default, Sec. 4), plus logit distillation from the dense teacher (the
+    init checkpoint's model, else the dense supernet).
 
     Every key of config.train is here, as a typed placeholder (None: config.train's value) unless
     given, so that any of them can be set from the command line, e.g.
@@ -129,11 +167,21 @@ def finetune_config(**train_overrides) -> ml_collections.ConfigDict:
     train = default_train_config()
     fields = {key: ml_collections.config_dict.placeholder(train.get_ref(key).get_type())
               for key in train}
-    fields.update(train_overrides)
-    return ml_collections.ConfigDict(dict(
-        distill=0.0,  # weight of the KL to the dense supernet's logits; 0: off (the paper)
+    fields.update(
+        distill=0.0,  # weight of the KL to the dense teacher's logits; 0: off (the paper)
         temperature=1.0,  # distillation temperature
-        **fields,
+    )
+    fields.update(train_overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def baseline_config() -> ml_collections.ConfigDict:
+    """`config.baseline`: the no-supernet baseline (stage `baseline`): the pruned model's policy
+    cut out of the dense init checkpoint by the dense model's HSIC ranks, then finetuned with
+    the finetuning recipe for as many steps as the supernet and the finetuning together."""
+    return ml_collections.ConfigDict(dict(
+        # Training steps; None: config.train.steps + config.finetune's steps (equal training).
+        steps=ml_collections.config_dict.placeholder(int),
     ))
 
 
@@ -147,18 +195,30 @@ def export_config() -> ml_collections.ConfigDict:
     ))
 
 
+# From a trained DeiT (`init=`): supernet and finetuning epochs, peak learning rates per 512
+# images, warmup epochs. Sized like DynamicViT's 30 epochs from a pretrained DeiT; the peak
+# rate is half of DeiT's from-scratch 5e-4, the finetuning's a tenth of it.
+DEIT_FROM_PRETRAINED = dict(epochs=30, finetune_epochs=10, lr=2.5e-4, finetune_lr=5e-5,
+                            warmup_epochs=2, finetune_warmup_epochs=1)
+
+
 def deit_imagenet_config(
     variant: str, *, distilled: bool = False, target_flops_fraction: float = 0.6,
-    expand: float = 1.0, compare: bool = False,
+    expand: float = 1.0, compare: bool = False, init: str = "", scratch: bool = False,
 ) -> ml_collections.ConfigDict:
-    """DeiT-{Ti,S,B}/16 on ImageNet-1k with the paper's Table 7 recipe (300 epochs, batch 1024).
+    """DeiT-{Ti,S,B}/16 on ImageNet-1k.
 
+    `init`: a trained DeiT/timm checkpoint (.pth/.safetensors or a vitjax file) to compress with
+    `from_pretrained_recipe` (DEIT_FROM_PRETRAINED: 30 supernet + 10 finetuning epochs with the
+    dense model as teacher, then the no-supernet baseline). Without it (or with `scratch`): the
+    paper's Table 7 recipe, the supernet trained from scratch for 300 epochs at batch 1024.
     `target_flops_fraction`: the FLOPs budget T of the supernet and the search as a fraction of
     the dense model (0.6 is the paper's "40% reduction"). `expand` > 1: expand-then-compress
     (Table 2), the model `expand` times wider compressed to this variant's dense FLOPs.
     `compare`: also train DynamicViT, block pruning and block + token at the pruned model's
     FLOPs (the `compare` stage).
     """
+    del scratch  # the default without init=
     config = ml_collections.ConfigDict()
     config.stages = "pretrain,score,criteria,search,ablation,prune,finetune,export,compare,report"
     config.seed = 0
@@ -205,7 +265,16 @@ def deit_imagenet_config(
     config.prune = prune_config()
     # Sec. 4: the pruned model is finetuned "following the same training strategy".
     config.finetune = finetune_config()
+    config.baseline = baseline_config()
     config.export = export_config()
     if expand != 1.0:
         expand_model_config(config, expand)
+    if init:
+        r = DEIT_FROM_PRETRAINED
+        per_epoch = IMAGENET_TRAIN_IMAGES // int(config.train.batch_size)
+        from_pretrained_recipe(
+            config, init, steps=r["epochs"] * per_epoch,
+            finetune_steps=r["finetune_epochs"] * per_epoch, lr=r["lr"],
+            finetune_lr=r["finetune_lr"], warmup_steps=r["warmup_epochs"] * per_epoch,
+            finetune_warmup_steps=r["finetune_warmup_epochs"] * per_epoch)
     return config

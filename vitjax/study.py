@@ -9,7 +9,11 @@ fixed; each run resumes like any other), then reads every run's stage outputs an
 
 Claims checked (the paper's, on whatever model and data the config names):
   compression:  the pruned + finetuned model loses at most `max_drop` (0.5 pp) of test accuracy
-                at the configured FLOPs budget;
+                at the configured FLOPs budget, against the dense model (the init checkpoint's
+                when the run compresses a trained model, else the supernet's dense path);
+  supernet:     the supernet pays for itself: the pruned + finetuned model beats the
+                no-supernet baseline (stage `baseline`: the same policy cut from the dense
+                model by its HSIC ranks, trained for as many steps);
   dimensions:   all three dimensions beat the best one- or two-dimensional policy at equal FLOPs
                 (ablation stage, test accuracy without finetuning);
   search:       GP search beats random search at the same number of evaluations (best hold-out
@@ -86,12 +90,15 @@ def _read_run(run_dir: epath.Path) -> dict:
     out: dict = {}
     pretrain, prune, finetune = done("pretrain"), done("prune"), done("finetune")
     if pretrain:
-        out["dense"] = pretrain["metrics"].get("eval/test/dense/accuracy")
+        out["dense_supernet"] = pretrain["metrics"].get("eval/test/dense/accuracy")
+        out["dense"] = (pretrain.get("init_accuracy") or {}).get("test", out["dense_supernet"])
     if prune:
         out["pruned_gmacs"] = prune["pruned_gmacs"]
         out["pruned_no_finetune"] = prune["accuracy_before_finetune"].get("test")
     if finetune:
         out["finetuned"] = finetune["accuracy"].get("test")
+    if (baseline := done("baseline")) and not baseline.get("skipped"):
+        out["baseline"] = baseline["accuracy"].get("test")
     if search := done("search"):
         out["search"] = {m: r["best_value"] for m, r in search["methods"].items()}
     if (ablation := done("ablation")) and ablation.get("dimensions"):
@@ -157,6 +164,11 @@ def evaluate_claims(runs: dict, *, max_drop: float = 0.005, high_ratio: float = 
         [None if d is None else max_drop - d for d in drops],
         "drop (pp) per seed: " + ", ".join("–" if d is None else f"{100 * d:.2f}"
                                           for d in drops))
+    add("supernet", "the supernet beats the no-supernet baseline at equal training steps",
+        [r["finetuned"] - r["baseline"] if r.get("finetuned") is not None
+         and r.get("baseline") is not None else None for r in runs.values()],
+        "margin = pruned + finetuned minus the baseline (same policy, dense model's HSIC "
+        "ranks, no supernet)")
     dim_margins, best_names = [], []
     for r in runs.values():
         ablation = r.get("ablation") or {}
@@ -235,8 +247,13 @@ def study_markdown(summary: dict) -> list[str]:
         lines.append(f"| {label} | {_mean_std(values)} | {per_seed} |")
 
     row("dense", [r.get("dense") for r in runs.values()])
+    if any(r.get("dense_supernet") != r.get("dense") for r in runs.values()):
+        row("dense path of the supernet", [r.get("dense_supernet") for r in runs.values()])
     row("pruned, no finetuning", [r.get("pruned_no_finetune") for r in runs.values()])
     row("pruned + finetuned", [r.get("finetuned") for r in runs.values()])
+    if any(r.get("baseline") is not None for r in runs.values()):
+        row("no supernet: same policy cut from the dense model, trained as long",
+            [r.get("baseline") for r in runs.values()])
     methods = sorted({m for r in runs.values() for m in r.get("search", {})})
     for method in methods:
         row(f"search {method}: best hold-out objective",

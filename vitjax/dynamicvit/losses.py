@@ -95,6 +95,7 @@ def dynamicvit_loss(
             f"student {(student_cfg.num_patches, student_cfg.embed_dim, student_cfg.num_classes)}"
         )
     ratios = model.dyn.ratios
+    from vitjax.training.losses import logit_distillation
 
     def loss_fn(params, frozen, batch, masks, rng):
         if masks is not None:
@@ -106,10 +107,7 @@ def dynamicvit_loss(
         teacher_logits, teacher_tokens = teacher_outputs(teacher, frozen, batch["image"])
         cls_loss = optax.softmax_cross_entropy(logits, batch["target"]).mean()
         keep_loss = ratio_loss(aux["decisions"], ratios)
-        t = temperature
-        distill = optax.kl_divergence(
-            jax.nn.log_softmax(logits / t), jax.nn.softmax(teacher_logits / t)
-        ).mean() * t * t
+        distill = logit_distillation(logits, teacher_logits, temperature)
         token_distill = token_distillation_loss(aux["features"], teacher_tokens,
                                                 aux["decisions"][-1])
         loss = (cls_loss + ratio_weight * keep_loss + distill_weight * distill

@@ -9,7 +9,7 @@ authors'-code baselines.
 
 Modules: `space` (which ratios are searched, unit cube <-> Policy, U_T sampling, rounding),
 `gp` (the GP), `acquisition` (EI), `optimize` (SLSQP, rounding and repair, batches, trust
-region), `loop` (`run_search`), `baselines`, `log` (the JSONL log), `config`
+region), `loop` (`run_search`, `trained_region`), `baselines`, `log` (the JSONL log), `config`
 (`default_search_config`), `synthetic` (a test objective with a known optimum).
 """
 
@@ -18,7 +18,13 @@ from vitjax.search.baselines import authors_expected_improvement, propose_author
 from vitjax.search.config import default_search_config
 from vitjax.search.gp import GaussianProcess, GPParams, fit_gp, make_gp
 from vitjax.search.log import SearchLog, read_log
-from vitjax.search.loop import Evaluation, SearchResult, SearchSettings, run_search
+from vitjax.search.loop import (
+    Evaluation,
+    SearchResult,
+    SearchSettings,
+    run_search,
+    trained_region,
+)
 from vitjax.search.optimize import (
     AcquisitionSettings,
     Problem,
@@ -37,7 +43,8 @@ __all__ = [
     "ei", "ei_values", "expected_improvement", "authors_expected_improvement",
     "propose_authors", "propose_random", "default_search_config", "GaussianProcess",
     "GPParams", "fit_gp", "make_gp", "SearchLog", "read_log", "Evaluation", "SearchResult",
-    "SearchSettings", "run_search", "AcquisitionSettings", "Problem", "Proposal", "Region",
+    "SearchSettings", "run_search", "trained_region", "AcquisitionSettings", "Problem",
+    "Proposal", "Region",
     "maximize_ei", "propose", "repair", "round_and_repair", "trust_region_length",
     "SearchSpace", "SyntheticObjective",
 ]

@@ -37,6 +37,11 @@ def default_search_config() -> ml_collections.ConfigDict:
     c.failure_tolerance = 5  # failing iterations in a row that halve it
     # Sample and search policies with GMACs in [T(1 - tol), T]; None: only <= T (paper).
     c.tol = 0.05
+    # 'trained': sample and propose policies only inside the box the supernet's training
+    # policies were drawn from (U_T at config.train's target; sub-networks outside it were
+    # never trained, e.g. fewer heads than any training policy kept). 'cube': the whole space,
+    # the paper's literal problem (4) (exactly it with trust_region=False).
+    c.region = "trained"
     c.seed = 0  # every random choice of the search derives from (seed, iteration)
     # FLOPs budget T in GMACs; None: config.target_flops_fraction x the dense model's GMACs.
     c.target_gmacs = ml_collections.config_dict.placeholder(float)

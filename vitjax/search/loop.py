@@ -24,6 +24,12 @@ hosts might differ in floating point.
 `settings.method`: 'gp' (this package: GP + EI + SQP), 'authors' (the released code: EI argmax
 over random candidates) or 'random' (the best of random U_T policies, paper Table 5); all share
 the initial population, the log format and the evaluation budget.
+
+`settings.region`: 'trained' (default) samples and proposes only inside the box the supernet's
+training policies were drawn from (`trained_region`); a sub-network outside it was never
+trained and its hold-out accuracy can collapse (on digits, a GP proposal keeping 1 head of 4
+scored 2.8%), while a GP fitted on a dozen points predicts it no worse than its neighbours.
+'cube' searches the whole space (the paper's literal problem (4)).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from vitjax.search.optimize import (
 from vitjax.search.space import SearchSpace
 
 METHODS = ("gp", "authors", "random")
+REGIONS = ("trained", "cube")
 _LOGGER = logging.getLogger("vitjax.search")
 
 _STAGE_KEYS = ("space", "objective", "loss_weight", "target_gmacs")
@@ -79,11 +86,18 @@ class SearchSettings:
     acquisition: AcquisitionSettings = AcquisitionSettings()
     authors_candidates: int = 100  # 'authors': candidates per iteration = this x population
     authors_tol: float = 0.02  # 'authors': candidates within this fraction below T
+    # Where policies are sampled and proposed: 'trained' (inside the box U_T drew the
+    # supernet's training policies from, see `trained_region`) or 'cube' (the whole space:
+    # the paper's literal problem (4); with acquisition.trust_region=False exactly it).
+    region: str = "trained"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"search method {self.method!r} is unknown; use one of "
                             f"{list(METHODS)}")
+        if self.region not in REGIONS:
+            raise UserError(f"search region {self.region!r} is unknown; use one of "
+                            f"{list(REGIONS)}")
         if self.kernel not in KERNELS:
             raise UserError(f"search kernel {self.kernel!r} is unknown; use one of "
                             f"{list(KERNELS)}")
@@ -177,15 +191,52 @@ def iteration_rng(seed: int, iteration: int, stream: int) -> np.random.Generator
 
 
 def _header(settings: SearchSettings, problem: Problem) -> dict:
-    return {"type": "header", "version": FORMAT_VERSION, "method": settings.method,
-            "seed": settings.seed, "population": settings.population, "q": settings.q,
-            "tol": settings.tol, "target_gmacs": float(problem.target_gmacs),
-            "space": problem.space.to_dict(), "model": problem.config.to_dict()}
+    header = {"type": "header", "version": FORMAT_VERSION, "method": settings.method,
+              "seed": settings.seed, "population": settings.population, "q": settings.q,
+              "tol": settings.tol, "target_gmacs": float(problem.target_gmacs),
+              "space": problem.space.to_dict(), "model": problem.config.to_dict()}
+    if problem.upper is not None:  # logs of whole-cube searches keep their old header
+        header["region"] = list(problem.upper)
+    return header
+
+
+def trained_region(config: ViTConfig, space: SearchSpace,
+                   trained_gmacs: float | None) -> tuple[float, ...] | None:
+    """The box of the space's unit cube that the supernet's training policies came from:
+    U_T at `trained_gmacs` draws every ratio uniformly below one bound per dimension
+    (`vitjax.pruning.calibrated_space`; 0.9 without a target), so a sub-network outside it
+    keeps fewer heads, neurons or tokens in some layer than any policy it was trained with
+    (on digits at 60% FLOPs: 3 of 4 heads at least) and its accuracy there says little.
+    None: the box covers the whole space (nothing to restrict)."""
+    from vitjax.pruning.flops import count_flops
+    from vitjax.pruning.policy import SamplingSpace, calibrated_space
+
+    trained = SamplingSpace()
+    if trained_gmacs is not None and trained_gmacs < count_flops(config).total:
+        trained = calibrated_space(config, float(trained_gmacs))
+    bound = np.array([trained.neuron, trained.head, trained.token])
+    lower, upper = space.lower_upper()
+    ratio_bound = bound[space.coordinate_dimensions]
+    units = np.clip((ratio_bound - lower) / (upper - lower), 0.0, 1.0)
+    return None if np.all(units >= 1.0) else tuple(float(v) for v in units)
+
+
+def _with_model_defaults(model: dict | None) -> dict | None:
+    """A logged model with the ViTConfig fields added since it was written, at their defaults
+    (the same architecture), so a search resumes across such an upgrade."""
+    if not isinstance(model, dict):
+        return model
+    filled = dict(model)
+    for field in dataclasses.fields(ViTConfig):
+        if field.name not in filled and field.default is not dataclasses.MISSING:
+            filled[field.name] = field.default
+    return filled
 
 
 def _check_header(logged: dict, expected: dict, path) -> None:
     if logged.get("type") != "header":
         raise UserError(f"search log {path} does not start with a header; delete it")
+    logged = {**logged, "model": _with_model_defaults(logged.get("model"))}
     differ = sorted(k for k in expected if logged.get(k) != expected[k])
     if "provenance" in differ:  # name what the logged values measured: supernet, objective
         logged_inputs = logged.get("provenance") or {}
@@ -220,7 +271,7 @@ def _propose_gp(problem: Problem, settings: SearchSettings, history: _History,
     restarts = settings.restarts if warm is None or iteration % settings.restart_every == 0 \
         else 1
     # The GP's priors are relative to the box U_T draws from (see fit_gp's input_span).
-    span = problem.space.calibrated_scale(problem.config, problem.target_gmacs)
+    span = problem.span()
     fit_kwargs = dict(kernel=settings.kernel, rng=iteration_rng(settings.seed, iteration, _FIT),
                       lengthscale_prior=settings.lengthscale_prior, capacity=settings.capacity,
                       input_span=span)
@@ -230,13 +281,17 @@ def _propose_gp(problem: Problem, settings: SearchSettings, history: _History,
         gp = make_gp(u, values, warm, settings.kernel, capacity=settings.capacity)
     length = None
     if settings.acquisition.trust_region:
-        initial = min(1.0, settings.acquisition.initial_length * span)
+        initial = min(1.0, settings.acquisition.initial_length * float(np.max(span)))
         length = trust_region_length(history.improved, initial, settings.acquisition)
     proposal = propose(gp, problem, best=float(np.max(values)), q=settings.q,
                        rng=iteration_rng(settings.seed, iteration, _ACQUIRE),
                        settings=settings.acquisition, observed=u, observed_values=values,
                        step=length)
+    # The GP's prediction at each proposal, to compare with what the evaluation then gives.
+    mean, var = gp.predict(proposal.u)
     extra = {"gp": gp.params.to_dict(), "ei": [float(v) for v in proposal.ei],
+             "predicted": [float(v) for v in mean],
+             "predicted_std": [float(v) for v in np.sqrt(var)],
              "slsqp_success": list(proposal.slsqp_success), "trust_region": length}
     return proposal.u, extra
 
@@ -260,17 +315,30 @@ def run_search(
     sync: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
     provenance: dict | None = None,
+    trained_gmacs: float | None = None,
     **overrides,
 ) -> SearchResult:
     """Searches the policy that maximises `objective` under `target_gmacs` (see the module
     docstring). `overrides` replace fields of `settings`, e.g. `run_search(f, cfg, 2.7,
     method='random', iterations=10)`. `log_path=None` keeps the log in memory (no resume).
     `provenance` (JSON) says what the objective measures (which supernet, which objective); it
-    goes into the log's header, and a log with another one is never resumed."""
+    goes into the log's header, and a log with another one is never resumed.
+    `trained_gmacs`: the FLOPs target the supernet's training policies were drawn for (None:
+    `target_gmacs`, the paper's setting); with `settings.region='trained'` every policy stays
+    in the box U_T drew them from (`trained_region`)."""
     settings = dataclasses.replace(settings or SearchSettings(), **overrides)
     space = space or SearchSpace.paper(config.depth)
-    problem = Problem(config, space, float(target_gmacs), tol=settings.tol)
     progress = progress or _LOGGER.info
+    upper = None
+    if settings.region == "trained":
+        upper = trained_region(config, space, target_gmacs if trained_gmacs is None
+                               else trained_gmacs)
+        if upper is not None and space.gmacs(config, np.asarray(upper)) > target_gmacs:
+            progress(f"search[{settings.method}]: {float(target_gmacs):.4g} GMACs cannot be "
+                     "reached inside the region the supernet was trained on; searching the "
+                     "whole space (region 'cube')")
+            upper = None
+    problem = Problem(config, space, float(target_gmacs), tol=settings.tol, upper=upper)
     log = SearchLog(log_path, is_writer=is_writer)
     records = log.read()
     header = _header(settings, problem)

@@ -12,8 +12,10 @@ Per point:
      1 - relaxed_gmacs(u) / T >= 0 (plus relaxed_gmacs(u) / T >= 1 - tol with a band), its
      gradient from jax too; one jitted call gives all of them at a point. The relaxation drops
      the ceil of the keep counts, so it is smooth and never above the exact count. Bounds: a
-     trust region, a box of side `trust_region_length(...)` around the start, inside [0, 1]^D
-     (the whole cube with `trust_region=False`, the paper's literal problem (4)).
+     trust region, a box of side `trust_region_length(...)` around the start, inside the
+     problem's region [0, upper] (the box the supernet was trained on, `Problem.upper`) or the
+     whole cube [0, 1]^D (`upper=None`; with `trust_region=False` too, the paper's literal
+     problem (4)). Rounding and repair below stay inside the region as well.
   3. Rounding: each ratio is snapped so its layer keeps the nearest integer number of neurons
      / heads / tokens (`SearchSpace.round`); that can add FLOPs, so `repair` then raises the
      ratio of the coordinate with the most FLOPs saved per EI lost, by the fewest units that
@@ -60,11 +62,34 @@ class Problem:
     # a band keeps the search from spending evaluations on far cheaper models (the authors'
     # code samples within 2% of T).
     tol: float | None = None
+    # The region every point must stay in, an upper bound per coordinate of the unit cube
+    # (`trained_region`: the box the supernet was trained on); None: the whole cube.
+    upper: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        self.space.check_target(self.config, self.target_gmacs)
+        if self.upper is not None:
+            upper = tuple(float(v) for v in np.clip(np.asarray(self.upper, np.float64), 0, 1))
+            if len(upper) != self.space.dim:
+                raise ValueError(f"region has {len(upper)} bounds; the space has "
+                                 f"{self.space.dim} coordinates")
+            object.__setattr__(self, "upper", upper)
+        self.space.check_target(self.config, self.target_gmacs, self.upper)
         if self.tol is not None and not 0.0 < self.tol < 1.0:
             raise UserError(f"FLOPs band tol must lie in (0, 1), got {self.tol}")
+
+    @property
+    def bound(self) -> np.ndarray:
+        """Upper bound of every coordinate (1 without a region)."""
+        return np.ones(self.space.dim) if self.upper is None else np.asarray(self.upper)
+
+    def inside(self, u, atol: float = 1e-9) -> np.ndarray:
+        """Whether points u [..., dim] lie in the region (all of them without one)."""
+        return np.all(np.asarray(u) <= self.bound + atol, axis=-1)
+
+    def span(self) -> np.ndarray:
+        """Width per coordinate of the box the points are sampled from: the GP's length unit."""
+        low, high = self.space.sampling_box(self.config, self.target_gmacs, self.upper)
+        return high - low
 
     @property
     def lower_gmacs(self) -> float:
@@ -77,13 +102,15 @@ class Problem:
         """Within the budget (and the band): what random candidates must satisfy. Proposals
         after rounding are only guaranteed <= T: repair can leave them below the band."""
         gmacs = self.gmacs(u)
-        return (gmacs <= self.target_gmacs) & (gmacs >= self.lower_gmacs)
+        ok = (gmacs <= self.target_gmacs) & (gmacs >= self.lower_gmacs)
+        return ok if self.upper is None else ok & self.inside(u)
 
     def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        """`count` points of U_T in the space (and the band), in canonical form (the same
-        models; see `SearchSpace.canonical`)."""
+        """`count` points of U_T in the space (and the band, and the region), in canonical
+        form (the same models; see `SearchSpace.canonical`)."""
         return self.space.canonical(self.config, self.space.sample(
-            self.config, rng, count, target_gmacs=self.target_gmacs, tol=self.tol))
+            self.config, rng, count, target_gmacs=self.target_gmacs, tol=self.tol,
+            upper=self.upper))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +150,10 @@ class Region:
         return cls(np.zeros(dim), np.ones(dim))
 
     @classmethod
-    def around(cls, centre: np.ndarray, length: float) -> Region:
-        return cls(np.clip(centre - length / 2, 0.0, 1.0), np.clip(centre + length / 2, 0.0, 1.0))
+    def around(cls, centre: np.ndarray, length: float, bound=1.0) -> Region:
+        """A box of side `length` centred on `centre`, cut to [0, bound]."""
+        return cls(np.clip(centre - length / 2, 0.0, bound),
+                   np.clip(centre + length / 2, 0.0, bound))
 
     @property
     def is_whole(self) -> bool:
@@ -235,25 +264,27 @@ def repair(problem: Problem, u: np.ndarray, score, max_rounds: int = 1000) -> np
     rounds, and coarse moves (a head, 24 MFLOPs; a tied token ratio that compounds over
     layers) compete on EI lost for the same saving without undershooting the budget."""
     space, config, target = problem.space, problem.config, problem.target_gmacs
+    upper = problem.upper
     u = space.canonical(config, u)  # the same model
     for _ in range(max_rounds):
         gmacs = float(problem.gmacs(u))
         if gmacs <= target:
             return u
-        available = space.units_to_bound(config, u)
+        available = space.units_to_bound(config, u, upper)
         movable = available >= 1
         if not movable.any():
             break
         # Bisection per coordinate: low units miss the budget, high units meet it (or are all
         # that is available).
         low, high = np.zeros_like(available), available.copy()
-        searching = movable & (problem.gmacs(space.step_down(config, u, available)) <= target)
+        searching = movable & (problem.gmacs(space.step_down(config, u, available, upper))
+                               <= target)
         while np.any(searching & (high - low > 1)):
             middle = np.where(searching, (low + high) // 2, high)
-            fits = problem.gmacs(space.step_down(config, u, middle)) <= target
+            fits = problem.gmacs(space.step_down(config, u, middle, upper)) <= target
             high = np.where(searching & fits, middle, high)
             low = np.where(searching & ~fits, middle, low)
-        moves = space.step_down(config, u, high)[movable]
+        moves = space.step_down(config, u, high, upper)[movable]
         saved = np.minimum(gmacs - problem.gmacs(moves), gmacs - target)
         scores = score(np.concatenate([u[None], moves]))
         current = float(scores[0])
@@ -266,7 +297,7 @@ def repair(problem: Problem, u: np.ndarray, score, max_rounds: int = 1000) -> np
 
 
 def round_and_repair(problem: Problem, u: np.ndarray, score) -> np.ndarray:
-    rounded = problem.space.round(problem.config, np.clip(u, 0.0, 1.0))
+    rounded = problem.space.round(problem.config, np.clip(u, 0.0, problem.bound), problem.upper)
     return repair(problem, rounded, score)
 
 
@@ -278,7 +309,7 @@ def _candidates(problem: Problem, rng, centres: np.ndarray, count: int, spread: 
     local = np.zeros((0, dim))
     if len(centres):
         picks = centres[rng.integers(0, len(centres), max(count // 4, 1))]
-        local = np.clip(picks + rng.normal(0.0, spread, picks.shape), 0.0, 1.0)
+        local = np.clip(picks + rng.normal(0.0, spread, picks.shape), 0.0, problem.bound)
         local = local[problem.feasible(local)]
     return np.concatenate([problem.sample(rng, count), local])
 
@@ -323,7 +354,8 @@ def maximize_ei(
 
     results = []  # (u, success)
     for u0, value0 in zip(starts, start_values, strict=True):
-        region = Region.whole(dim) if step is None else Region.around(u0, step)
+        bound = problem.bound
+        region = Region(np.zeros(dim), bound) if step is None else Region.around(u0, step, bound)
         # Scale -EI to about 1 at the start: SLSQP's tolerances are absolute.
         slsqp = _SlsqpProblem(gp, problem, best, xi, max(float(value0), 1e-12))
         result = scipy.optimize.minimize(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from vitjax.stages import (
     ablation,
+    baseline,
     compare,
     criteria,
     export,
@@ -28,8 +29,8 @@ from vitjax.stages import (
 from vitjax.stages.context import Context
 
 # The paper's pipeline (DESIGN.md); a name without an entry in STAGES is not built yet.
-ORDER = ("pretrain", "score", "criteria", "search", "ablation", "prune", "finetune", "export",
-         "compare", "report")
+ORDER = ("pretrain", "score", "criteria", "search", "ablation", "prune", "finetune", "baseline",
+         "export", "compare", "report")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +61,15 @@ STAGES: dict[str, Stage] = {
               "physically smaller model (Alg. 1 line 12)"),
         Stage("finetune", finetune.run, ("prune",), ("finetune",),
               "finetuning the pruned model (Alg. 1 line 13)"),
+        Stage("baseline", baseline.run, ("prune", "finetune"), ("baseline",),
+              "no-supernet baseline: the policy cut from the dense model, trained as long"),
         Stage("export", export.run, ("prune", "finetune"), ("export",),
               "jax.export / ONNX / TFLite artifacts, verified"),
         Stage("compare", compare.run, ("pretrain", "prune"), ("compare", "finetune"),
               "DynamicViT, block pruning, block + token at matched FLOPs (second paper)"),
         Stage("report", report.run,
               ("pretrain", "score", "criteria", "search", "ablation", "prune", "finetune",
-               "export", "compare"), (),
+               "baseline", "export", "compare"), (),
               "report.md with the paper's tables"),
     )
 }

@@ -111,7 +111,8 @@ def run(ctx: Context) -> dict:
             objective, config, budget, space=space, settings=settings,
             log_path=out / f"{name}.jsonl", is_writer=ctx.is_main, sync=_sync,
             provenance=provenance(ctx),
-            progress=lambda line, head=head: print(f"{head}: {line}", flush=True))
+            progress=lambda line, head=head: print(f"{head}: {line}", flush=True),
+            trained_gmacs=ctx.target_gmacs)
         accuracy = test_accuracy(result.best_policy)
         print(f"{head}: best hold-out objective {result.best_value:.4f}, {test_split} "
               f"accuracy {accuracy:.2%} at {result.best_gmacs:.4g} GMACs", flush=True)

@@ -96,6 +96,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     unknown = [m for m in ((config.get("compare") or {}).get("methods", ()) or ())
                if m not in METHODS]
     _require(not unknown, f"config.compare.methods has {unknown}; choose from {list(METHODS)}")
+    _check_distill(config)
     fraction = config.get("target_flops_fraction")
     if fraction is not None and train.get("target_gmacs") is None:
         _require(0 < float(fraction) < 1,
@@ -115,6 +116,26 @@ def _clamp_warmup(block, name: str, steps: int, warmup: int) -> None:
     print(f"[vitjax] warning: {name}.warmup_steps={warmup} >= {name}.steps={steps}; "
           f"warming up for {clamped} steps instead", flush=True)
     block.warmup_steps = clamped
+
+
+def _check_distill(config: ml_collections.ConfigDict) -> None:
+    """Distillation weights and temperatures (supernet and finetuning), the baseline's steps."""
+    for block in ("train", "finetune"):
+        section = config.get(block) or {}
+        weight, temperature = section.get("distill"), section.get("temperature")
+        _require(weight is None or 0.0 <= float(weight) <= 1.0,
+                 f"config.{block}.distill={weight}: the teacher's weight in the loss is in "
+                 "[0, 1] (0: no teacher)")
+        _require(temperature is None or float(temperature) > 0,
+                 f"config.{block}.temperature={temperature}: must be > 0 (1: plain KL)")
+    if float(config.train.get("distill", 0.0) or 0.0) > 0:
+        _require(bool((config.get("init") or {}).get("checkpoint")),
+                 f"config.train.distill={config.train.distill} needs a teacher: set "
+                 "config.init.checkpoint to the trained dense model, or --config.train.distill=0")
+    steps = (config.get("baseline") or {}).get("steps")
+    _require(steps is None or int(steps) > 0,
+             f"config.baseline.steps={steps}: needs at least one step (None: the supernet's "
+             "plus the finetuning's)")
 
 
 def check_target(model_config, target_gmacs: float | None, dense_gmacs: float) -> None:

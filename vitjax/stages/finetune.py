@@ -2,8 +2,9 @@
 masks), resumable from its own checkpoints -> finetune/finetuned.safetensors.
 
 `config.finetune` overrides `config.train` (steps, lr, ...) for this stage; `distill` > 0 adds
-logit distillation from the dense supernet (weight `distill`, temperature `temperature`), off by
-default as in the paper.
+logit distillation (weight `distill`, temperature `temperature`) from the frozen dense teacher:
+the model of `config.init.checkpoint` when the run started from one (the same teacher as the
+supernet's), else the dense supernet. Off by default, as in the paper.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from vitjax.stages.context import Context
 from vitjax.stages.prune import PRUNED_FILE, parameter_count, save_model
 
 FINETUNED_FILE = "finetuned.safetensors"
-_LOSS_KEYS = ("distill", "temperature")
 # Keys of config.train that only policy sampling reads; finetuning sets them itself.
 SUPERNET_ONLY_KEYS = ("sample_policies", "sandwich", "target_gmacs", "target_tol",
                       "score_every", "token_mode")
@@ -26,19 +26,36 @@ def finetune_config(ctx: Context):
     config = ctx.config.copy_and_resolve_references()
     # Unset (None) keys keep config.train's value.
     overrides = {k: v for k, v in dict(ctx.config.get("finetune", {})).items() if v is not None}
-    unknown = sorted(set(overrides) - set(config.train) - set(_LOSS_KEYS))
+    unknown = sorted(set(overrides) - set(config.train))
     if unknown:
         raise UserError(f"config.finetune has unknown keys {unknown}; it overrides keys of "
-                        "config.train (steps, lr, warmup_steps, ...) plus distill, temperature")
+                        "config.train (steps, lr, warmup_steps, distill, temperature, ...)")
     supernet_only = sorted(set(overrides) & set(SUPERNET_ONLY_KEYS))
     if supernet_only:
         raise UserError(f"config.finetune sets {supernet_only}, which only the supernet's "
                         "training uses: finetuning trains the pruned model itself, without "
                         "policies; leave them unset")
-    config.train.update({k: v for k, v in overrides.items() if k not in _LOSS_KEYS})
+    config.train.update(overrides)
     config.train.sample_policies = False
     config.train.target_gmacs = None
     return config, overrides
+
+
+def teacher_loss(ctx: Context, student, train_config):
+    """(loss_fn, frozen teacher parameters, teacher name) for `train_config.distill` > 0, else
+    (None, None, None): the init checkpoint's dense model when there is one, else the supernet."""
+    from vitjax.stages.pretrain import distillation_setup
+
+    weight = float(train_config.get("distill", 0.0) or 0.0)
+    if weight <= 0:
+        return None, None, None
+    if ctx.config.get("init", {}).get("checkpoint"):
+        return distillation_setup(ctx, student, train_config)
+    from vitjax.training.losses import distillation_loss
+
+    loss_fn = distillation_loss(student, ctx.model(), weight=weight,
+                                temperature=float(train_config.get("temperature", 1.0)))
+    return loss_fn, jax.device_get(ctx.load_supernet()), "dense supernet"
 
 
 def run(ctx: Context) -> dict:
@@ -46,21 +63,15 @@ def run(ctx: Context) -> dict:
     from vitjax.stages.context import local_copy
     from vitjax.stages.pretrain import StepBatches
     from vitjax.training import train
-    from vitjax.training.losses import distillation_loss
 
     ctx.summary("prune")
     out = ctx.stage_dir("finetune")
     with local_copy(ctx.workdir / "prune" / PRUNED_FILE) as local:
         pruned_config, params = load_native(local)
-    config, overrides = finetune_config(ctx)
+    config, _ = finetune_config(ctx)
     model = ctx.model(pruned_config, train=True).clone(
         drop_path_rate=float(config.train.get("drop_path", 0.0)))
-    loss_fn = frozen = None
-    weight = float(overrides.get("distill", 0.0) or 0.0)
-    if weight > 0:
-        loss_fn = distillation_loss(model, ctx.model(), weight=weight,
-                                    temperature=float(overrides.get("temperature", 1.0)))
-        frozen = jax.device_get(ctx.load_supernet())
+    loss_fn, frozen, teacher = teacher_loss(ctx, model, config.train)
     datasets = ctx.datasets
     result = train(
         config, str(out), model=model, train_batches=StepBatches(datasets),
@@ -78,5 +89,6 @@ def run(ctx: Context) -> dict:
     print("[vitjax] finetune: accuracy after finetuning "
           + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
     return {"metrics": result.metrics, "accuracy": accuracy, "steps": result.step,
-            "distill": weight, "params": parameter_count(finetuned),
+            "distill": float(config.train.get("distill", 0.0) or 0.0), "teacher": teacher,
+            "params": parameter_count(finetuned),
             "file": str(out / FINETUNED_FILE)}

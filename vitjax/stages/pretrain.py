@@ -2,6 +2,11 @@
 
 Writes pretrain/supernet.safetensors (vitjax's weight format) and pretrain/ranks.npz, the
 ranks the supernet was last trained with, which later stages select sub-networks by.
+
+From a trained model (`config.init.checkpoint`, the main road) the supernet starts from its
+weights and, with `config.train.distill` > 0, learns from it as a frozen teacher: every sampled
+sub-network is pulled towards the dense model's logits (`vitjax.training.losses`). The dense
+model's own accuracy is measured first: the number the compressed models are compared with.
 """
 
 from __future__ import annotations
@@ -98,6 +103,62 @@ def check_preprocessing(ctx: Context, path: str, loaded) -> None:
                     "config.init.preprocessing='imagenet' or 'inception' to state it)", message)
 
 
+def load_teacher(ctx: Context):
+    """(ViT, host parameters) of `config.init.checkpoint` as it was trained (its own classes and
+    image size, no head replaced): the frozen dense teacher. A one-line UserError when it cannot
+    teach config.model's student (other classes, image size or patch size)."""
+    from vitjax.interop import load_checkpoint
+    from vitjax.training.losses import check_teacher
+
+    path = ctx.config.init.checkpoint
+    cache = ctx.__dict__.setdefault("_teacher", {})
+    if path not in cache:
+        remote = "://" in path and not path.lower().endswith(".npz")
+        try:
+            with local_copy(epath.Path(path)) if remote else contextlib.nullcontext(path) as local:
+                loaded = load_checkpoint(
+                    local, num_heads=ctx.model_config.num_heads,
+                    preprocessing=ctx.config.init.get("preprocessing") or None)
+            check_teacher(ctx.model_config, loaded.config)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            raise UserError(f"config.init.checkpoint {path} as teacher: {e}") from None
+        cache[path] = (ctx.model(loaded.config), jax.device_get(loaded.params))
+    return cache[path]
+
+
+def distillation_setup(ctx: Context, student, train_config):
+    """(loss_fn, frozen teacher parameters, teacher name) distilling `student` from the init
+    checkpoint's dense model with train_config.distill / temperature."""
+    from vitjax.training.losses import distillation_loss
+
+    if not ctx.config.get("init", {}).get("checkpoint"):
+        raise UserError(f"config.train.distill={train_config.distill} needs a teacher: set "
+                        "config.init.checkpoint to the trained dense model, or "
+                        "--config.train.distill=0")
+    teacher, params = load_teacher(ctx)
+    try:
+        loss_fn = distillation_loss(student, teacher, weight=float(train_config.distill),
+                                    temperature=float(train_config.get("temperature", 1.0)))
+    except ValueError as e:
+        raise UserError(f"config.train: {e}") from None
+    return loss_fn, params, f"dense model of {ctx.config.init.checkpoint}"
+
+
+def dense_accuracy(ctx: Context) -> dict[str, float] | None:
+    """The starting model's accuracy per evaluation set (None without a checkpoint that fits
+    config.model's classes): what compressing it is measured against."""
+    from vitjax.evaluate import evaluate
+
+    if not ctx.config.get("init", {}).get("checkpoint"):
+        return None
+    try:
+        teacher, params = load_teacher(ctx)
+    except UserError:
+        return None  # e.g. an ImageNet checkpoint that only initialises a 10-class model
+    return {name: evaluate(teacher, params, None, ctx.eval_batches(name)(), ctx.mesh)["accuracy"]
+            for name in ctx.datasets.eval_names}
+
+
 def run(ctx: Context) -> dict:
     from vitjax.interop import save_native
     from vitjax.scoring import save_scores, score_model
@@ -120,11 +181,19 @@ def run(ctx: Context) -> dict:
     datasets = ctx.datasets
     eval_sets = {name: ctx.eval_batches(name) for name in datasets.eval_names}
     score_batch = int(config.get("score", {}).get("batch_size", 256))
+    reference = dense_accuracy(ctx)
+    if reference:
+        print("[vitjax] pretrain: the dense model of config.init.checkpoint scores "
+              + ", ".join(f"{k} {v:.1%}" for k, v in reference.items()), flush=True)
+    student = ctx.model(train=True)
+    loss_fn = frozen = teacher = None
+    if float(config.train.get("distill", 0.0) or 0.0) > 0:
+        loss_fn, frozen, teacher = distillation_setup(ctx, student, config.train)
     result = train(
-        config, str(out), model=ctx.model(train=True), train_batches=StepBatches(datasets),
+        config, str(out), model=student, train_batches=StepBatches(datasets),
         eval_sets=eval_sets, init_params=init_params, rank_fn=rank_fn,
         score_batch=(ctx.train_images(score_batch, gather=False), None), mesh=ctx.mesh,
-        num_classes=datasets.num_classes,
+        num_classes=datasets.num_classes, loss_fn=loss_fn, frozen=frozen,
     )
     if result.preempted:
         raise UserError("pretraining was preempted; rerun the same command to resume")
@@ -140,6 +209,7 @@ def run(ctx: Context) -> dict:
             save_scores(out / RANKS_FILE, ranks=ranks)
     from vitjax.stages.prune import parameter_count
 
-    return {"metrics": result.metrics, "dense_gmacs": ctx.dense_gmacs,
+    return {"metrics": result.metrics, "dense_gmacs": ctx.dense_gmacs, "steps": result.step,
+            "init_accuracy": reference, "teacher": teacher,
             "params": parameter_count(params), "supernet": str(out / SUPERNET_FILE),
             "ranks": str(out / RANKS_FILE) if ranks is not None else None}

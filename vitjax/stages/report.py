@@ -62,7 +62,7 @@ def run(ctx: Context) -> dict:
 
     out = ctx.stage_dir("report")
     done = {s: _done(ctx, s) for s in ("pretrain", "score", "criteria", "search", "ablation",
-                                       "prune", "finetune", "export", "compare")}
+                                       "prune", "finetune", "baseline", "export", "compare")}
     c = ctx.model_config
     lines = ["# vitjax report", "",
              f"Workdir `{ctx.workdir}`; model: embed {c.embed_dim}, depth {c.depth}, "
@@ -103,6 +103,8 @@ def run(ctx: Context) -> dict:
         if done["finetune"]:
             rows.append(("pruned + finetuned", done["finetune"]["accuracy"].get(test), gmacs,
                          done["finetune"]["params"], speed["pruned"]))
+    cost_lines, summary["cost"] = cost_section(ctx, done, test, speed)
+    lines += cost_lines
     lines += ["## Dense vs compressed (Tables 1 and 4)", "",
               f"Accuracy on the {test} split (%); throughput measured by this stage (XLA, "
               f"float32, {jax.devices()[0].platform}, forward only; all models of this report "
@@ -202,6 +204,75 @@ def run(ctx: Context) -> dict:
         workdir_lib.write_text(out / "report.md", "\n".join(lines))
     print(f"[vitjax] report: {out / 'report.md'}", flush=True)
     return {**summary, "file": str(out / "report.md")}
+
+
+def _pp(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}"
+
+
+def cost_section(ctx: Context, done: dict, split: str, speed: dict) -> tuple[list[str], dict]:
+    """"How much accuracy does compressing my model cost?": every compressed model as accuracy
+    lost against the dense model for the FLOPs and the measured time it saves."""
+    pretrain = done["pretrain"] or {}
+    dense_gmacs = ctx.dense_gmacs
+    reference = (pretrain.get("init_accuracy") or {}).get(split)
+    source = "the trained model of config.init.checkpoint"
+    if reference is None:
+        reference = pretrain.get("metrics", {}).get(f"eval/{split}/dense/accuracy")
+        source = "the dense path of the supernet (trained from scratch: no init checkpoint)"
+    if reference is None:
+        return [], {}
+
+    def time_saved(model: str) -> str:
+        if model not in speed or "dense" not in speed:
+            return "– | –"
+        return " | ".join(f"{1 - speed['dense'][b] / speed[model][b]:.0%}" for b in (1, 64))
+
+    rows = []  # (label, accuracy, GMACs, time-saved cells)
+    prune, finetune, baseline = done["prune"], done["finetune"], done["baseline"]
+    if prune:
+        gmacs = prune["pruned_gmacs"]
+        if finetune:
+            rows.append((f"searched policy, finetuned {finetune.get('steps', '')} steps",
+                         finetune["accuracy"].get(split), gmacs, time_saved("pruned")))
+        rows.append(("searched policy, no finetuning",
+                     prune["accuracy_before_finetune"].get(split), gmacs, time_saved("pruned")))
+    if baseline and not baseline.get("skipped"):
+        rows.append((f"no supernet: the same policy cut from the dense model, trained "
+                     f"{baseline['steps']} steps", baseline["accuracy"].get(split),
+                     baseline["gmacs"], time_saved("pruned")))
+    for result in (done["ablation"] or {}).get("front", []):
+        if result["reachable"]:
+            rows.append((f"supernet sub-network at the {result['target_gmacs'] / dense_gmacs:.0%}"
+                         " budget, no finetuning", result["accuracy"], result["best_gmacs"],
+                         "– | –"))
+    lines = ["## What compressing cost", "",
+             f"The dense model scores **{_pct(reference)}%** on the {split} split ({source}). "
+             "Each compressed model: accuracy lost (percentage points; negative: lost) for the "
+             "FLOPs it saves and the forward time it saves (measured below, Tables 1 and 4; "
+             "the baseline has the pruned model's architecture, so its time is the pruned "
+             "model's).", "",
+             "| model | accuracy | change vs dense (pp) | FLOPs saved | time saved batch 1 | "
+             "time saved batch 64 |", "|---|---|---|---|---|---|"]
+    summary = {"dense": reference, "rows": []}
+    for label, acc, gmacs, saved in rows:
+        change = None if acc is None else acc - reference
+        lines.append(f"| {label} | {_pct(acc)} | {_pp(change)} | {1 - gmacs / dense_gmacs:.0%} "
+                     f"| {saved} |")
+        summary["rows"].append(dict(model=label, accuracy=acc, change=change, gmacs=gmacs))
+    if prune and finetune:
+        acc = finetune["accuracy"].get(split)
+        lines += ["", f"At the budget the finetuned model keeps "
+                  f"{prune['pruned_gmacs'] / dense_gmacs:.0%} of the FLOPs and "
+                  f"{'loses' if acc < reference else 'gains'} "
+                  f"{abs(100 * (acc - reference)):.1f} pp (one seed)."]
+        if baseline and not baseline.get("skipped"):
+            gap = acc - baseline["accuracy"].get(split)
+            verdict = ("beats" if gap > 0 else "ties" if gap == 0 else "loses to")
+            lines.append(f"The supernet {verdict} the no-supernet baseline at equal training "
+                         f"steps ({100 * gap:+.1f} pp; one seed, configs/digits_study.py "
+                         "repeats it over seeds).")
+    return [*lines, ""], summary
 
 
 def ablation_table(ablation: dict, dense_gmacs: float) -> list[str]:

@@ -7,6 +7,10 @@ without re-evaluating), search/best_policy.json, search/result.json and the plot
 search/progress.png (paper Fig. 4) and search/best_policy.png (Table 3 middle/right: per-layer
 ratios and per-layer FLOPs reduction). `config.search.baselines` runs the random-search and
 authors'-code baselines at the same evaluation budget (paper Table 5) into log_<method>.jsonl.
+
+`config.search.region='trained'` (default) keeps the searched policies inside the box the
+supernet's training policies were drawn from (its target `ctx.target_gmacs`); the baselines
+always sample the whole space as published.
 """
 
 from __future__ import annotations
@@ -126,6 +130,12 @@ class SearchClock:
         self.method = None
 
 
+def baseline_region(settings, method: str) -> dict:
+    """The baselines search as published (U_T at the search's target, the whole space); the
+    configured region applies to the method under study."""
+    return {} if method == settings.method else {"region": "cube"}
+
+
 def target_gmacs(ctx: Context) -> float:
     explicit = ctx.config.search.get("target_gmacs")
     target = float(explicit) if explicit is not None else ctx.target_gmacs
@@ -164,7 +174,8 @@ def run(ctx: Context) -> dict:
         results[method] = run_search(
             objective, ctx.model_config, target, space=space, settings=settings,
             log_path=out / name, is_writer=ctx.is_main, sync=_sync, progress=progress,
-            provenance=provenance(ctx), method=method,
+            provenance=provenance(ctx), method=method, trained_gmacs=ctx.target_gmacs,
+            **baseline_region(settings, method),
         )
         clock.finish(results[method])
     result = results[settings.method]

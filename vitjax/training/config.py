@@ -28,6 +28,11 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.grad_clip = ml_collections.config_dict.placeholder(float)  # global-norm clip; None: off
     c.drop_path = 0.1  # stochastic depth at the last block
     c.seed = 0  # parameters, dropout and policy sampling all derive from it
+    # Knowledge distillation from the frozen dense teacher (config.init.checkpoint; the finetune
+    # stage falls back to the dense supernet without one): loss = (1 - distill) x cross-entropy
+    # + distill x T^2 KL(teacher || student) at temperature T. 0: off (the paper's recipe).
+    c.distill = 0.0
+    c.temperature = 1.0
     # Supernet (Eq. 5): one policy from U_T per step, applied as masks.
     c.sample_policies = True  # False (or a pruned model): plain training, e.g. finetuning
     c.sandwich = False  # also train the dense and the smallest sub-network every step

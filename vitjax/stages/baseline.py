@@ -1,0 +1,91 @@
+"""Stage `baseline`: does the supernet pay for itself?
+
+The baseline users ask about first: the pruned model's policy (prune/policy.json) cut straight
+out of the dense model of `config.init.checkpoint` by that model's own HSIC ranks (Eq. 2, the
+score stage's settings), then trained with the finetuning recipe (config.finetune over
+config.train, the same teacher) for as many steps as the supernet and the finetuning together
+(`config.baseline.steps` overrides): the same training budget in steps and images, without a
+supernet. Each baseline step trains the pruned model, so it costs at most what a supernet step
+costs. Writes baseline/baseline.safetensors; the report sets it next to the supernet's result.
+
+Without an init checkpoint there is no trained dense model to cut from: the stage records that
+and skips itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from vitjax.errors import UserError
+from vitjax.stages.context import Context
+
+BASELINE_FILE = "baseline.safetensors"
+
+
+def baseline_steps(ctx: Context, finetune_train) -> int:
+    given = ctx.config.get("baseline", {}).get("steps")
+    if given is not None:
+        if int(given) < 1:
+            raise UserError(f"config.baseline.steps={given}: needs at least one step")
+        return int(given)
+    return int(ctx.config.train.steps) + int(finetune_train.steps)
+
+
+def run(ctx: Context) -> dict:
+    from vitjax.evaluate import evaluate
+    from vitjax.pruning import Policy, count_flops, prune_params
+    from vitjax.scoring import score_model
+    from vitjax.stages.finetune import finetune_config, teacher_loss
+    from vitjax.stages.pretrain import StepBatches, load_init_checkpoint
+    from vitjax.stages.prune import parameter_count, save_model
+    from vitjax.training import train
+
+    checkpoint = ctx.config.get("init", {}).get("checkpoint")
+    if not checkpoint:
+        print("[vitjax] baseline: skipped (no config.init.checkpoint: no trained dense model "
+              "to cut the policy from)", flush=True)
+        return {"skipped": "no config.init.checkpoint"}
+    ctx.summary("prune")
+    out = ctx.stage_dir("baseline")
+    dense = jax.device_get(load_init_checkpoint(ctx, checkpoint))
+    score_config = dataclasses.replace(ctx.score_config(),
+                                       score_tokens=ctx.token_mode == "static")
+    images = jnp.asarray(ctx.train_images(int(ctx.config.get("score", {}).get("batch_size",
+                                                                              256))))
+    ranks = jax.device_get(score_model(ctx.model(), dense, images, config=score_config).ranks())
+    policy = Policy.from_json((ctx.workdir / "prune" / "policy.json").read_text())
+    pruned_config, params = prune_params(ctx.model_config, dense, policy, ranks, ctx.token_mode)
+    datasets = ctx.datasets
+    before = {name: evaluate(ctx.model(pruned_config), params, None, ctx.eval_batches(name)(),
+                             ctx.mesh)["accuracy"] for name in datasets.eval_names}
+
+    config, _ = finetune_config(ctx)
+    steps = baseline_steps(ctx, config.train)
+    config.train.steps = steps
+    model = ctx.model(pruned_config, train=True).clone(
+        drop_path_rate=float(config.train.get("drop_path", 0.0)))
+    loss_fn, frozen, teacher = teacher_loss(ctx, model, config.train)
+    print("[vitjax] baseline: the policy cut from the dense model by its HSIC ranks scores "
+          + ", ".join(f"{k} {v:.1%}" for k, v in before.items())
+          + f" before training; training it for {steps} steps", flush=True)
+    result = train(
+        config, str(out), model=model, train_batches=StepBatches(datasets),
+        eval_sets={name: ctx.eval_batches(name) for name in datasets.eval_names},
+        init_params=params, mesh=ctx.mesh, num_classes=datasets.num_classes,
+        loss_fn=loss_fn, frozen=frozen,
+    )
+    if result.preempted:
+        raise UserError("the baseline's training was preempted; rerun the same command to resume")
+    trained = jax.device_get(result.params)
+    if ctx.is_main:
+        save_model(out / BASELINE_FILE, pruned_config, trained)
+    accuracy = {name: result.metrics[f"eval/{name}/model/accuracy"]
+                for name in datasets.eval_names}
+    print("[vitjax] baseline: no-supernet baseline after training "
+          + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
+    return {"accuracy": accuracy, "accuracy_before_training": before, "steps": steps,
+            "gmacs": count_flops(pruned_config).total, "params": parameter_count(trained),
+            "teacher": teacher, "file": str(out / BASELINE_FILE)}
