@@ -406,7 +406,8 @@ def test_two_commands_on_one_workdir_and_ctrl_c(tmp_path):
     one line and exits 130; the rerun resumes from that checkpoint."""
     flags = dict(_TINY_FLAGS, **{"train.steps": 100000, "train.ckpt_every": 0,
                                  "train.eval_every": 0, "train.log_every": 1000})
-    args = ["--config=configs/digits.py", f"--workdir={tmp_path}", "--config.stages=pretrain",
+    args = ["--config=configs/digits.py:scratch", f"--workdir={tmp_path}",
+            "--config.stages=pretrain",
             *(f"--config.{k}={v}" for k, v in flags.items())]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     first = subprocess.Popen([sys.executable, "-m", "vitjax.main", *args], cwd=REPO, env=env,

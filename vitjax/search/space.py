@@ -53,6 +53,11 @@ def _per_dimension(value, name: str) -> tuple[float, float, float]:
                         f"got {value!r}") from None
 
 
+class InfeasibleTarget(UserError):
+    """No policy of the space meets the target (within the band) in the draws allowed: the
+    reachable region is empty or too thin a corner to sample."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
     """Which ratios are searched; hashable so jitted functions can close over it."""
@@ -428,7 +433,7 @@ class SearchSpace:
         while sum(len(f) for f in found) < count:
             if draws >= max_draws:
                 lowest = target_gmacs * (1 - tol) if tol is not None else 0.0
-                raise UserError(
+                raise InfeasibleTarget(
                     f"found only {sum(len(f) for f in found)} of {count} policies with GMACs "
                     f"in [{lowest:.4f}, {target_gmacs:.4f}] in {max_draws} random draws; raise "
                     "the target, widen the band (config.search.tol) or the search space"

@@ -57,6 +57,7 @@ def _most_pruned_gmacs(space, config) -> float:
 def run(ctx: Context) -> dict:
     from vitjax.evaluate import evaluate
     from vitjax.search import SearchSettings, run_search
+    from vitjax.search.space import InfeasibleTarget
     from vitjax.stages.search import _sync, make_objective, provenance, target_gmacs
 
     block = ctx.config.get("ablation")
@@ -107,12 +108,21 @@ def run(ctx: Context) -> dict:
             continue
         print(f"{head}: searching {'+'.join(dims)} at {budget:.4g} GMACs "
               f"({settings.population} + {settings.iterations} evaluations)", flush=True)
-        result = run_search(
-            objective, config, budget, space=space, settings=settings,
-            log_path=out / f"{name}.jsonl", is_writer=ctx.is_main, sync=_sync,
-            provenance=provenance(ctx),
-            progress=lambda line, head=head: print(f"{head}: {line}", flush=True),
-            trained_gmacs=ctx.target_gmacs)
+        try:
+            result = run_search(
+                objective, config, budget, space=space, settings=settings,
+                log_path=out / f"{name}.jsonl", is_writer=ctx.is_main, sync=_sync,
+                provenance=provenance(ctx),
+                progress=lambda line, head=head: print(f"{head}: {line}", flush=True),
+                trained_gmacs=ctx.target_gmacs)
+        except InfeasibleTarget as error:
+            # Reachable only in a corner too thin to sample (e.g. one dimension of a 2x-wide
+            # model at a quarter of its FLOPs): a row of the table, not the end of the run.
+            print(f"{head}: no policy found at {budget:.4g} GMACs ({error}), skipped",
+                  flush=True)
+            results[name] = {"dims": list(dims), "target_gmacs": budget, "reachable": False,
+                             "lowest_gmacs": lowest, "reason": str(error)}
+            continue
         accuracy = test_accuracy(result.best_policy)
         print(f"{head}: best hold-out objective {result.best_value:.4f}, {test_split} "
               f"accuracy {accuracy:.2%} at {result.best_gmacs:.4g} GMACs", flush=True)
