@@ -1,6 +1,6 @@
 """Trains the dense digits ViT that the embedded default compresses, and ships it in timm's format.
 
-    python tools/make_digits_reference.py [--steps 500] [--workdir /tmp/digits_reference] \
+    python tools/make_digits_reference.py [--steps 2000] [--workdir /tmp/digits_reference] \
         [--out vitjax/assets/digits_vit.safetensors]
 
 The model is configs/digits.py's (32 px, 4 px patches, embed 96, depth 4, 4 heads, MLP 384),
@@ -60,7 +60,7 @@ def reference_config(steps: int, lr: float, seed: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/digits_reference")
