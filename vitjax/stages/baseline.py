@@ -38,10 +38,9 @@ def run(ctx: Context) -> dict:
     from vitjax.evaluate import evaluate
     from vitjax.pruning import Policy, count_flops, prune_params
     from vitjax.scoring import score_model
-    from vitjax.stages.finetune import finetune_config, teacher_loss
-    from vitjax.stages.pretrain import StepBatches, load_init_checkpoint
-    from vitjax.stages.prune import parameter_count, save_model
-    from vitjax.training import train
+    from vitjax.stages.finetune import finetune_config, train_pruned
+    from vitjax.stages.pretrain import load_init_checkpoint
+    from vitjax.stages.prune import parameter_count
 
     checkpoint = ctx.config.get("init", {}).get("checkpoint")
     if not checkpoint:
@@ -65,25 +64,11 @@ def run(ctx: Context) -> dict:
     config, _ = finetune_config(ctx)
     steps = baseline_steps(ctx, config.train)
     config.train.steps = steps
-    model = ctx.model(pruned_config, train=True).clone(
-        drop_path_rate=float(config.train.get("drop_path", 0.0)))
-    loss_fn, frozen, teacher = teacher_loss(ctx, model, config.train)
     print("[vitjax] baseline: the policy cut from the dense model by its HSIC ranks scores "
           + ", ".join(f"{k} {v:.1%}" for k, v in before.items())
           + f" before training; training it for {steps} steps", flush=True)
-    result = train(
-        config, str(out), model=model, train_batches=StepBatches(datasets),
-        eval_sets={name: ctx.eval_batches(name) for name in datasets.eval_names},
-        init_params=params, mesh=ctx.mesh, num_classes=datasets.num_classes,
-        loss_fn=loss_fn, frozen=frozen,
-    )
-    if result.preempted:
-        raise UserError("the baseline's training was preempted; rerun the same command to resume")
-    trained = jax.device_get(result.params)
-    if ctx.is_main:
-        save_model(out / BASELINE_FILE, pruned_config, trained)
-    accuracy = {name: result.metrics[f"eval/{name}/model/accuracy"]
-                for name in datasets.eval_names}
+    _, trained, accuracy, teacher = train_pruned(
+        ctx, pruned_config, params, config, out, BASELINE_FILE, "the baseline's training")
     print("[vitjax] baseline: no-supernet baseline after training "
           + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
     return {"accuracy": accuracy, "accuracy_before_training": before, "steps": steps,

@@ -58,17 +58,14 @@ def teacher_loss(ctx: Context, student, train_config):
     return loss_fn, jax.device_get(ctx.load_supernet()), "dense supernet"
 
 
-def run(ctx: Context) -> dict:
-    from vitjax.interop import load_native
-    from vitjax.stages.context import local_copy
+def train_pruned(ctx: Context, pruned_config, params, config, out, file_name: str, what: str):
+    """Trains a physically pruned model with the finetuning recipe `config` (from
+    `finetune_config`) and its teacher; saves it as out/file_name. The one training path of the
+    finetune and baseline stages. Returns (train result, trained params, accuracy per eval set,
+    teacher name)."""
     from vitjax.stages.pretrain import StepBatches
     from vitjax.training import train
 
-    ctx.summary("prune")
-    out = ctx.stage_dir("finetune")
-    with local_copy(ctx.workdir / "prune" / PRUNED_FILE) as local:
-        pruned_config, params = load_native(local)
-    config, _ = finetune_config(ctx)
     model = ctx.model(pruned_config, train=True).clone(
         drop_path_rate=float(config.train.get("drop_path", 0.0)))
     loss_fn, frozen, teacher = teacher_loss(ctx, model, config.train)
@@ -80,12 +77,26 @@ def run(ctx: Context) -> dict:
         loss_fn=loss_fn, frozen=frozen,
     )
     if result.preempted:
-        raise UserError("finetuning was preempted; rerun the same command to resume")
-    finetuned = jax.device_get(result.params)
+        raise UserError(f"{what} was preempted; rerun the same command to resume")
+    trained = jax.device_get(result.params)
     if ctx.is_main:
-        save_model(out / FINETUNED_FILE, pruned_config, finetuned, ctx.preprocessing)
+        save_model(out / file_name, pruned_config, trained, ctx.preprocessing)
     accuracy = {name: result.metrics[f"eval/{name}/model/accuracy"]
                 for name in datasets.eval_names}
+    return result, trained, accuracy, teacher
+
+
+def run(ctx: Context) -> dict:
+    from vitjax.interop import load_native
+    from vitjax.stages.context import local_copy
+
+    ctx.summary("prune")
+    out = ctx.stage_dir("finetune")
+    with local_copy(ctx.workdir / "prune" / PRUNED_FILE) as local:
+        pruned_config, params = load_native(local)
+    config, _ = finetune_config(ctx)
+    result, finetuned, accuracy, teacher = train_pruned(
+        ctx, pruned_config, params, config, out, FINETUNED_FILE, "finetuning")
     print("[vitjax] finetune: accuracy after finetuning "
           + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
     return {"metrics": result.metrics, "accuracy": accuracy, "steps": result.step,
