@@ -120,12 +120,14 @@ def with_overrides(settings, pairs):
     return dataclasses.replace(settings, **top)
 
 
-def proposal_stats(result, inside, predicted) -> dict:
-    """Per search: proposals outside the region, worse than the median initial, GP error."""
+def proposal_stats(result, inside, predicted, outside_by_dimension) -> dict:
+    """Per search: proposals outside the region (and in which dimensions), worse than the
+    median initial, GP error."""
     initial = [e for e in result.history if e.iteration == 0]
     later = [e for e in result.history if e.iteration > 0]
     median = float(np.median([e.value for e in initial]))
     stats = {"outside": [not inside(e.u) for e in later],
+             "outside_by_dimension": [outside_by_dimension(e.u) for e in later],
              "worse_than_median": [e.value < median for e in later],
              "all_outside": [not inside(e.u) for e in result.history]}
     if predicted:
@@ -133,6 +135,13 @@ def proposal_stats(result, inside, predicted) -> dict:
         stats["predicted"] = [predicted[(e.iteration, e.slot)] for e in later]
         stats["observed"] = observed
     return stats
+
+
+def outside_dimensions(problem, u) -> list[bool]:
+    """Whether u leaves the region in a neuron, head, token coordinate."""
+    beyond = np.asarray(u) > problem.bound + 1e-9
+    dims = problem.space.coordinate_dimensions
+    return [bool(np.any(beyond[dims == d])) for d in range(3)]
 
 
 def predictions(log_path: str) -> dict:
@@ -246,7 +255,8 @@ def run(args):
                             trained_gmacs=trained)
         problem = Problem(config, space, budget * ctx.dense_gmacs, upper=upper)
         stats = proposal_stats(result, lambda u, p=problem: bool(p.inside(u)),
-                               predictions(log_path))
+                               predictions(log_path),
+                               lambda u, p=problem: outside_dimensions(p, u))
         results[(budget, population, iterations, seed, name)] = (result.best_value, stats)
         done_fresh += fresh
         spent = time.monotonic() - started
@@ -288,10 +298,10 @@ def report(results, methods, seeds, budgets, sizes) -> dict:
                         line = paired(table, a, b)
                         print(f"- {a} - {b}: {line}")
                         entry[f"{a} - {b}"] = line
-            print("\n| method | proposals outside trained region | evaluated policies outside "
-                  "| proposals worse than median initial | GP predicted - observed (mean, "
-                  "MAE, corr) |")
-            print("|---|---|---|---|---|")
+            print("\n| method | proposals outside trained region | outside in neuron / head / "
+                  "token | evaluated policies outside | proposals worse than median initial | "
+                  "GP predicted - observed (mean, MAE, corr) |")
+            print("|---|---|---|---|---|---|")
             for m in methods:
                 stats = [results[(budget, population, iterations, seed, m)][1] for seed in seeds]
                 outside = np.concatenate([s["outside"] for s in stats])
@@ -306,8 +316,11 @@ def report(results, methods, seeds, budgets, sizes) -> dict:
                     gp_line = (f"{100 * error.mean():+.2f} pp, {100 * np.abs(error).mean():.2f}"
                                f" pp, {corr:.2f}")
                     entry[f"{m} gp error"] = gp_line
-                print(f"| {m} | {outside.mean():.0%} ({outside.sum()}/{len(outside)}) | "
+                by_dim = np.concatenate([s["outside_by_dimension"] for s in stats]).reshape(-1, 3)
+                dims = " / ".join(f"{v:.0%}" for v in by_dim.mean(axis=0))
+                print(f"| {m} | {outside.mean():.0%} ({outside.sum()}/{len(outside)}) | {dims} | "
                       f"{everything.mean():.0%} | {worse.mean():.0%} | {gp_line} |")
+                entry[f"{m} outside by dimension"] = by_dim.mean(axis=0).tolist()
                 entry[f"{m} outside"] = float(outside.mean())
                 entry[f"{m} worse than median"] = float(worse.mean())
             summary.append(entry)

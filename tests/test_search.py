@@ -516,6 +516,47 @@ def test_every_searched_policy_stays_in_the_trained_region_and_meets_the_budget(
     assert not all(region.inside(e.u) for e in cube.history)
 
 
+@pytest.mark.parametrize("target_fraction", [0.6, 0.4])
+def test_a_region_margin_lets_proposals_drop_one_more_unit_and_samples_in_the_trained_box(
+        target_fraction):
+    """region_margin=1: the bound of every dimension lets a layer keep exactly one head /
+    neuron / patch fewer than the trained box's fewest; the initial population is the one the
+    plain region draws (the trained box), and every proposal stays in the wider box and
+    meets the budget."""
+    space = SearchSpace.paper(4)
+    dense = count_flops(DIGITS).total
+    target, trained = target_fraction * dense, 0.6 * dense
+    box = calibrated_space(DIGITS, trained)
+    upper = np.asarray(trained_region(DIGITS, space, trained))
+    wide = np.asarray(trained_region(DIGITS, space, trained, margin=1))
+    for d, (bound, size) in enumerate([(box.neuron, DIGITS.mlp_dim),
+                                       (box.head, DIGITS.num_heads),
+                                       (box.token, DIGITS.num_patches)]):
+        fewest = math.ceil(round((1 - bound) * size, 9))
+        ratio = wide[4 * d:4 * d + 4] * 0.9
+        keep = np.ceil(np.round((1 - ratio) * size, 9))
+        np.testing.assert_array_equal(keep, fewest - 1)
+        assert np.all(wide[4 * d:4 * d + 4] > upper[4 * d:4 * d + 4])
+    kwargs = dict(method="gp", population=6, iterations=4, seed=0, tol=0.05, restarts=1,
+                  acquisition=AcquisitionSettings(starts=2, candidates=64),
+                  progress=lambda line: None, trained_gmacs=trained)
+    plain = run_search(_FewerHeads(), DIGITS, target, space=space, **kwargs)
+    margin = run_search(_FewerHeads(), DIGITS, target, space=space, region_margin=1, **kwargs)
+    initial = [e.u for e in margin.history if e.iteration == 0]
+    np.testing.assert_array_equal(initial, [e.u for e in plain.history if e.iteration == 0])
+    region = Problem(DIGITS, space, target, upper=tuple(wide))
+    min_heads = math.ceil(round((1 - box.head) * 4, 9))
+    for evaluation in margin.history:
+        assert region.inside(evaluation.u), evaluation.policy
+        assert count_flops(DIGITS, evaluation.policy).total <= target
+        assert min(evaluation.policy.keep_counts(DIGITS).head) >= min_heads - 1
+    # The objective rewards pruning heads: the search uses the extra unit.
+    assert any(min(e.policy.keep_counts(DIGITS).head) == min_heads - 1
+               for e in margin.history)
+    with pytest.raises(UserError, match="region_margin"):
+        SearchSettings(region_margin=-1)
+
+
 def test_a_log_written_before_new_model_fields_existed_still_resumes(tmp_path):
     path = tmp_path / "log.jsonl"
     first = _search(_Counting(), path, iterations=1)

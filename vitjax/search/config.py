@@ -42,6 +42,9 @@ def default_search_config() -> ml_collections.ConfigDict:
     # never trained, e.g. fewer heads than any training policy kept). 'cube': the whole space,
     # the paper's literal problem (4) (exactly it with trust_region=False).
     c.region = "trained"
+    # With region='trained': proposals (not the initial population) may keep this many heads
+    # / neurons / patches per layer fewer than the trained box allows.
+    c.region_margin = 0
     c.seed = 0  # every random choice of the search derives from (seed, iteration)
     # FLOPs budget T in GMACs; None: config.target_flops_fraction x the dense model's GMACs.
     c.target_gmacs = ml_collections.config_dict.placeholder(float)

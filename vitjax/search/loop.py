@@ -90,6 +90,9 @@ class SearchSettings:
     # supernet's training policies from, see `trained_region`) or 'cube' (the whole space:
     # the paper's literal problem (4); with acquisition.trust_region=False exactly it).
     region: str = "trained"
+    # With region='trained': each layer may keep this many heads / neurons / patches fewer
+    # than the trained box allows (`trained_region`'s margin).
+    region_margin: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -108,6 +111,8 @@ class SearchSettings:
                      "authors_candidates"):
             if getattr(self, name) < 1:
                 raise UserError(f"search {name} must be >= 1, got {getattr(self, name)}")
+        if self.region_margin < 0:
+            raise UserError(f"search region_margin must be >= 0, got {self.region_margin}")
         if self.iterations < 0 or (self.patience is not None and self.patience < 1):
             raise UserError("search iterations must be >= 0 and patience >= 1 (or None)")
         if self.population < 2 and self.method != "random":
@@ -197,16 +202,20 @@ def _header(settings: SearchSettings, problem: Problem) -> dict:
               "space": problem.space.to_dict(), "model": problem.config.to_dict()}
     if problem.upper is not None:  # logs of whole-cube searches keep their old header
         header["region"] = list(problem.upper)
+        if problem.sample_upper != problem.upper:
+            header["sample_region"] = list(problem.sample_upper)
     return header
 
 
-def trained_region(config: ViTConfig, space: SearchSpace,
-                   trained_gmacs: float | None) -> tuple[float, ...] | None:
+def trained_region(config: ViTConfig, space: SearchSpace, trained_gmacs: float | None,
+                   margin: int = 0) -> tuple[float, ...] | None:
     """The box of the space's unit cube that the supernet's training policies came from:
     U_T at `trained_gmacs` draws every ratio uniformly below one bound per dimension
     (`vitjax.pruning.calibrated_space`; 0.9 without a target), so a sub-network outside it
     keeps fewer heads, neurons or tokens in some layer than any policy it was trained with
     (on digits at 60% FLOPs: 3 of 4 heads at least) and its accuracy there says little.
+    `margin`: each layer may keep this many units (heads, neurons, patches) fewer than the
+    smallest count the box allows (the bound rises by margin / the dense count).
     None: the box covers the whole space (nothing to restrict)."""
     from vitjax.pruning.flops import count_flops
     from vitjax.pruning.policy import SamplingSpace, calibrated_space
@@ -215,6 +224,10 @@ def trained_region(config: ViTConfig, space: SearchSpace,
     if trained_gmacs is not None and trained_gmacs < count_flops(config).total:
         trained = calibrated_space(config, float(trained_gmacs))
     bound = np.array([trained.neuron, trained.head, trained.token])
+    if margin:
+        sizes = np.array([config.mlp_dim, config.num_heads, config.num_patches], np.float64)
+        fewest = np.ceil(np.round((1.0 - bound) * sizes, 9))
+        bound = 1.0 - np.maximum(fewest - margin, 0.0) / sizes
     lower, upper = space.lower_upper()
     ratio_bound = bound[space.coordinate_dimensions]
     units = np.clip((ratio_bound - lower) / (upper - lower), 0.0, 1.0)
@@ -329,16 +342,22 @@ def run_search(
     settings = dataclasses.replace(settings or SearchSettings(), **overrides)
     space = space or SearchSpace.paper(config.depth)
     progress = progress or _LOGGER.info
-    upper = None
+    upper = sample_upper = None
     if settings.region == "trained":
-        upper = trained_region(config, space, target_gmacs if trained_gmacs is None
-                               else trained_gmacs)
-        if upper is not None and space.gmacs(config, np.asarray(upper)) > target_gmacs:
+        trained = target_gmacs if trained_gmacs is None else trained_gmacs
+        sample_upper = trained_region(config, space, trained)
+        if sample_upper is not None and space.gmacs(config, np.asarray(sample_upper)) \
+                > target_gmacs:
             progress(f"search[{settings.method}]: {float(target_gmacs):.4g} GMACs cannot be "
                      "reached inside the region the supernet was trained on; searching the "
                      "whole space (region 'cube')")
-            upper = None
-    problem = Problem(config, space, float(target_gmacs), tol=settings.tol, upper=upper)
+            sample_upper = None
+        elif settings.region_margin:
+            upper = trained_region(config, space, trained, margin=settings.region_margin)
+        else:
+            upper = sample_upper
+    problem = Problem(config, space, float(target_gmacs), tol=settings.tol, upper=upper,
+                      sample_upper=sample_upper)
     log = SearchLog(log_path, is_writer=is_writer)
     records = log.read()
     header = _header(settings, problem)

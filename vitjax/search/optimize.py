@@ -65,15 +65,26 @@ class Problem:
     # The region every point must stay in, an upper bound per coordinate of the unit cube
     # (`trained_region`: the box the supernet was trained on); None: the whole cube.
     upper: tuple[float, ...] | None = None
+    # Where U_T's draws come from (initial population, starting candidates, the GP's length
+    # unit), inside `upper`; None: `upper`. A region with a margin (`trained_region`) samples
+    # in the trained box and lets only the proposals go beyond it.
+    sample_upper: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        if self.upper is not None:
-            upper = tuple(float(v) for v in np.clip(np.asarray(self.upper, np.float64), 0, 1))
-            if len(upper) != self.space.dim:
-                raise ValueError(f"region has {len(upper)} bounds; the space has "
-                                 f"{self.space.dim} coordinates")
-            object.__setattr__(self, "upper", upper)
-        self.space.check_target(self.config, self.target_gmacs, self.upper)
+        for name in ("upper", "sample_upper"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in np.clip(np.asarray(value, np.float64), 0, 1))
+                if len(value) != self.space.dim:
+                    raise ValueError(f"region has {len(value)} bounds; the space has "
+                                     f"{self.space.dim} coordinates")
+                object.__setattr__(self, name, value)
+        if self.sample_upper is None:
+            object.__setattr__(self, "sample_upper", self.upper)
+        elif self.upper is not None:
+            object.__setattr__(self, "sample_upper", tuple(
+                float(v) for v in np.minimum(self.sample_upper, self.upper)))
+        self.space.check_target(self.config, self.target_gmacs, self.sample_upper)
         if self.tol is not None and not 0.0 < self.tol < 1.0:
             raise UserError(f"FLOPs band tol must lie in (0, 1), got {self.tol}")
 
@@ -88,7 +99,7 @@ class Problem:
 
     def span(self) -> np.ndarray:
         """Width per coordinate of the box the points are sampled from: the GP's length unit."""
-        low, high = self.space.sampling_box(self.config, self.target_gmacs, self.upper)
+        low, high = self.space.sampling_box(self.config, self.target_gmacs, self.sample_upper)
         return high - low
 
     @property
@@ -106,11 +117,11 @@ class Problem:
         return ok if self.upper is None else ok & self.inside(u)
 
     def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        """`count` points of U_T in the space (and the band, and the region), in canonical
-        form (the same models; see `SearchSpace.canonical`)."""
+        """`count` points of U_T in the space (and the band, and `sample_upper`), in
+        canonical form (the same models; see `SearchSpace.canonical`)."""
         return self.space.canonical(self.config, self.space.sample(
             self.config, rng, count, target_gmacs=self.target_gmacs, tol=self.tol,
-            upper=self.upper))
+            upper=self.sample_upper))
 
 
 @dataclasses.dataclass(frozen=True)
