@@ -36,6 +36,7 @@ from vitjax.search import (
     read_log,
     repair,
     run_search,
+    sampled_region,
     trained_region,
     trust_region_length,
 )
@@ -492,7 +493,7 @@ def test_trained_region_is_the_box_u_t_drew_the_supernets_policies_from():
 @pytest.mark.parametrize("target_fraction", [0.6, 0.4])
 def test_every_searched_policy_stays_in_the_trained_region_and_meets_the_budget(
         target_fraction):
-    """The invariant of region='trained' (default): every evaluated policy, initial and
+    """The invariant of region='trained': every evaluated policy, initial and
     proposed, lies inside the box the supernet was trained on (trained at 60% of the FLOPs)
     and meets the budget, also at 40% where U_T's own box is wider. The objective pulls
     towards pruning heads; over the whole cube the search leaves the region."""
@@ -504,7 +505,7 @@ def test_every_searched_policy_stays_in_the_trained_region_and_meets_the_budget(
     kwargs = dict(method="gp", population=6, iterations=4, seed=0, tol=0.05, restarts=1,
                   acquisition=AcquisitionSettings(starts=2, candidates=64),
                   progress=lambda line: None, trained_gmacs=trained)
-    result = run_search(_FewerHeads(), DIGITS, target, space=space, **kwargs)
+    result = run_search(_FewerHeads(), DIGITS, target, space=space, region="trained", **kwargs)
     assert len(result.history) == 10
     min_heads = math.ceil(round((1 - calibrated_space(DIGITS, trained).head) * 4, 9))
     for evaluation in result.history:
@@ -519,10 +520,10 @@ def test_every_searched_policy_stays_in_the_trained_region_and_meets_the_budget(
 @pytest.mark.parametrize("target_fraction", [0.6, 0.4])
 def test_a_region_margin_lets_proposals_drop_one_more_unit_and_samples_in_the_trained_box(
         target_fraction):
-    """region_margin=1: the bound of every dimension lets a layer keep exactly one head /
-    neuron / patch fewer than the trained box's fewest; the initial population is the one the
-    plain region draws (the trained box), and every proposal stays in the wider box and
-    meets the budget."""
+    """region='trained', region_margin=1: the bound of every dimension lets a layer keep
+    exactly one head / neuron / patch fewer than the trained box's fewest; the initial
+    population is the one the plain region draws (the trained box), and every proposal stays
+    in the wider box and meets the budget."""
     space = SearchSpace.paper(4)
     dense = count_flops(DIGITS).total
     target, trained = target_fraction * dense, 0.6 * dense
@@ -540,8 +541,9 @@ def test_a_region_margin_lets_proposals_drop_one_more_unit_and_samples_in_the_tr
     kwargs = dict(method="gp", population=6, iterations=4, seed=0, tol=0.05, restarts=1,
                   acquisition=AcquisitionSettings(starts=2, candidates=64),
                   progress=lambda line: None, trained_gmacs=trained)
-    plain = run_search(_FewerHeads(), DIGITS, target, space=space, **kwargs)
-    margin = run_search(_FewerHeads(), DIGITS, target, space=space, region_margin=1, **kwargs)
+    plain = run_search(_FewerHeads(), DIGITS, target, space=space, region="trained", **kwargs)
+    margin = run_search(_FewerHeads(), DIGITS, target, space=space, region="trained",
+                        region_margin=1, **kwargs)
     initial = [e.u for e in margin.history if e.iteration == 0]
     np.testing.assert_array_equal(initial, [e.u for e in plain.history if e.iteration == 0])
     region = Problem(DIGITS, space, target, upper=tuple(wide))
@@ -555,6 +557,36 @@ def test_a_region_margin_lets_proposals_drop_one_more_unit_and_samples_in_the_tr
                for e in margin.history)
     with pytest.raises(UserError, match="region_margin"):
         SearchSettings(region_margin=-1)
+
+
+def test_the_sampled_region_is_u_ts_box_at_the_target_and_at_least_the_trained_box():
+    """region='sampled': at the trained target it is the trained box; below it, U_T's box at
+    the search's target (the baselines' initial population, drawn bit for bit the same), and
+    every proposal stays in it and meets the budget."""
+    space = SearchSpace.paper(4)
+    dense = count_flops(DIGITS).total
+    trained = 0.6 * dense
+    assert sampled_region(DIGITS, space, trained, trained) == trained_region(
+        DIGITS, space, trained)
+    low = 0.4 * dense
+    box = np.asarray(sampled_region(DIGITS, space, low, trained))
+    scale = space.calibrated_scale(DIGITS, low)
+    np.testing.assert_allclose(box, scale)
+    assert np.all(box > np.asarray(trained_region(DIGITS, space, trained)))
+    kwargs = dict(method="gp", population=6, iterations=4, seed=0, tol=0.05, restarts=1,
+                  acquisition=AcquisitionSettings(starts=2, candidates=64),
+                  progress=lambda line: None, trained_gmacs=trained)
+    sampled = run_search(_FewerHeads(), DIGITS, low, space=space, region="sampled", **kwargs)
+    cube = run_search(_FewerHeads(), DIGITS, low, space=space, region="cube",
+                      **{**kwargs, "method": "random"})
+    np.testing.assert_array_equal([e.u for e in sampled.history if e.iteration == 0],
+                                  [e.u for e in cube.history if e.iteration == 0])
+    region = Problem(DIGITS, space, low, upper=tuple(box))
+    for evaluation in sampled.history:
+        assert region.inside(evaluation.u), evaluation.policy
+        assert count_flops(DIGITS, evaluation.policy).total <= low
+    assert not all(region.inside(e.u) for e in run_search(
+        _FewerHeads(), DIGITS, low, space=space, region="cube", **kwargs).history)
 
 
 def test_a_log_written_before_new_model_fields_existed_still_resumes(tmp_path):

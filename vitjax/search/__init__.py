@@ -23,6 +23,7 @@ from vitjax.search.loop import (
     SearchResult,
     SearchSettings,
     run_search,
+    sampled_region,
     trained_region,
 )
 from vitjax.search.optimize import (
@@ -43,8 +44,8 @@ __all__ = [
     "ei", "ei_values", "expected_improvement", "authors_expected_improvement",
     "propose_authors", "propose_random", "default_search_config", "GaussianProcess",
     "GPParams", "fit_gp", "make_gp", "SearchLog", "read_log", "Evaluation", "SearchResult",
-    "SearchSettings", "run_search", "trained_region", "AcquisitionSettings", "Problem",
-    "Proposal", "Region",
+    "SearchSettings", "run_search", "trained_region", "sampled_region", "AcquisitionSettings",
+    "Problem", "Proposal", "Region",
     "maximize_ei", "propose", "repair", "round_and_repair", "trust_region_length",
     "SearchSpace", "SyntheticObjective",
 ]

@@ -37,13 +37,15 @@ def default_search_config() -> ml_collections.ConfigDict:
     c.failure_tolerance = 5  # failing iterations in a row that halve it
     # Sample and search policies with GMACs in [T(1 - tol), T]; None: only <= T (paper).
     c.tol = 0.05
-    # 'trained': sample and propose policies only inside the box the supernet's training
-    # policies were drawn from (U_T at config.train's target; sub-networks outside it were
-    # never trained, e.g. fewer heads than any training policy kept). 'cube': the whole space,
-    # the paper's literal problem (4) (exactly it with trust_region=False).
-    c.region = "trained"
-    # With region='trained': proposals (not the initial population) may keep this many heads
-    # / neurons / patches per layer fewer than the trained box allows.
+    # 'sampled': propose policies only inside the box U_T draws the initial population from
+    # (at the search's target), or the box the supernet's training policies were drawn from
+    # (U_T at config.train's target) where that is larger: the GP interpolates instead of
+    # extrapolating to the cube's faces. 'trained': only inside the trained box (sub-networks
+    # outside it were never trained; below the trained target a thin corner). 'cube': the
+    # whole space, the paper's literal problem (4) (exactly it with trust_region=False).
+    c.region = "sampled"
+    # With region 'sampled' or 'trained': proposals (not the initial population) may keep this
+    # many heads / neurons / patches per layer fewer than the trained box allows.
     c.region_margin = 0
     c.seed = 0  # every random choice of the search derives from (seed, iteration)
     # FLOPs budget T in GMACs; None: config.target_flops_fraction x the dense model's GMACs.

@@ -8,9 +8,10 @@ search/progress.png (paper Fig. 4) and search/best_policy.png (Table 3 middle/ri
 ratios and per-layer FLOPs reduction). `config.search.baselines` runs the random-search and
 authors'-code baselines at the same evaluation budget (paper Table 5) into log_<method>.jsonl.
 
-`config.search.region='trained'` (default) keeps the searched policies inside the box the
-supernet's training policies were drawn from (its target `ctx.target_gmacs`); the baselines
-always sample the whole space as published.
+`config.search.region='sampled'` (default) keeps the searched policies inside the box U_T
+samples the initial population from, widened to the box the supernet's training policies were
+drawn from (its target `ctx.target_gmacs`); the baselines always sample the whole space as
+published.
 """
 
 from __future__ import annotations
