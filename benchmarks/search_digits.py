@@ -163,7 +163,7 @@ def paired(table, a: str, b: str) -> str:
     if not len(diffs):
         return "n/a"
     wins, ties = int(np.sum(diffs > 1e-12)), int(np.sum(np.abs(diffs) <= 1e-12))
-    return (f"{100 * diffs.mean():+.2f} pp (wins/ties/losses {wins}/{ties}/"
+    return (f"{100 * diffs.mean():+.3f} pp (wins/ties/losses {wins}/{ties}/"
             f"{len(diffs) - wins - ties})")
 
 
