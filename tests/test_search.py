@@ -589,6 +589,32 @@ def test_the_sampled_region_is_u_ts_box_at_the_target_and_at_least_the_trained_b
         _FewerHeads(), DIGITS, low, space=space, region="cube", **kwargs).history)
 
 
+def test_a_proposal_band_keeps_the_gps_candidates_near_the_budget():
+    """acquisition.band: the GP's random candidates and SLSQP's lower constraint use
+    [T(1 - band), T] instead of the search's band; the initial population keeps the
+    search's band; proposals still meet the exact FLOPs."""
+    space = SearchSpace.paper(4)
+    dense = count_flops(DIGITS).total
+    target = 0.6 * dense
+    with pytest.raises(UserError, match="band"):
+        AcquisitionSettings(band=0.0)
+    kwargs = dict(method="gp", population=6, iterations=3, seed=0, tol=0.2, restarts=1,
+                  progress=lambda line: None)
+    wide = run_search(_FewerHeads(), DIGITS, target, space=space,
+                      acquisition=AcquisitionSettings(starts=2, candidates=64), **kwargs)
+    narrow = run_search(_FewerHeads(), DIGITS, target, space=space,
+                        acquisition=AcquisitionSettings(starts=2, candidates=64, band=0.02),
+                        **kwargs)
+    np.testing.assert_array_equal([e.u for e in wide.history if e.iteration == 0],
+                                  [e.u for e in narrow.history if e.iteration == 0])
+    assert min(e.gmacs for e in wide.history if e.iteration == 0) < 0.9 * target
+    for evaluation in narrow.history:
+        assert count_flops(DIGITS, evaluation.policy).total <= target
+    problem = Problem(DIGITS, space, target, tol=0.02)
+    candidates = problem.sample(np.random.default_rng(0), 64)
+    assert np.all(problem.gmacs(candidates) >= 0.98 * target)
+
+
 def test_a_log_written_before_new_model_fields_existed_still_resumes(tmp_path):
     path = tmp_path / "log.jsonl"
     first = _search(_Counting(), path, iterations=1)

@@ -315,6 +315,8 @@ def _propose_gp(problem: Problem, settings: SearchSettings, history: _History,
     if settings.acquisition.trust_region:
         initial = min(1.0, settings.acquisition.initial_length * float(np.max(span)))
         length = trust_region_length(history.improved, initial, settings.acquisition)
+    if settings.acquisition.band is not None:
+        problem = dataclasses.replace(problem, tol=settings.acquisition.band)
     proposal = propose(gp, problem, best=float(np.max(values)), q=settings.q,
                        rng=iteration_rng(settings.seed, iteration, _ACQUIRE),
                        settings=settings.acquisition, observed=u, observed_values=values,

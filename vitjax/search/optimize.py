@@ -134,6 +134,9 @@ class AcquisitionSettings:
     # Trust region (TuRBO-style, see `trust_region_length`); False: SLSQP over the whole cube.
     trust_region: bool = True
     initial_length: float = 1.0  # its first side, in widths of U_T's box
+    # FLOPs band of the GP's proposals (candidates and SLSQP): [T(1 - band), T]; None: the
+    # search's own band (`Problem.tol`). The authors' code screens within 2% of T.
+    band: float | None = None
     success_tolerance: int = 2  # consecutive improving iterations that double the region
     failure_tolerance: int = 5  # consecutive failing iterations that halve it
 
@@ -147,6 +150,8 @@ class AcquisitionSettings:
                             "tolerances must be >= 1")
         if self.xi < 0:
             raise UserError(f"EI margin xi must be >= 0, got {self.xi}")
+        if self.band is not None and not 0.0 < self.band < 1.0:
+            raise UserError(f"proposal band must lie in (0, 1), got {self.band}")
 
 
 @dataclasses.dataclass(frozen=True)
