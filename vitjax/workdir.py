@@ -1,8 +1,5 @@
-"""Writing results into a workdir: the one way vitjax writes files (etils.epath).
-
-Local folders and cloud buckets (gs://...) alike. Every writer is atomic: it writes a temporary
-sibling and renames it, so a killed run never leaves a half-written result that a rerun would
-take for a finished one.
+"""Writing results into a workdir: JSON, CSV, npz and PNG on top of `vitjax.fileio`'s atomic
+writer (the one way vitjax writes a file), to local folders and cloud buckets (gs://...) alike.
 """
 
 from __future__ import annotations
@@ -18,24 +15,12 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from vitjax.fileio import write_bytes, write_text
+
 PathLike = str | epath.PathLike
 
-
-def _tmp(path: epath.Path) -> epath.Path:
-    return path.parent / f".{path.name}.tmp"
-
-
-def write_bytes(path: PathLike, data: bytes) -> epath.Path:
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
-
-
-def write_text(path: PathLike, text: str) -> epath.Path:
-    return write_bytes(path, text.encode())
+__all__ = ["write_bytes", "write_text", "write_json", "read_json", "file_digest", "write_csv",
+           "write_npz", "read_npz", "save_figure", "pyplot"]
 
 
 def _json_default(value):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import tempfile
 
 import jax
 import numpy as np
@@ -200,11 +198,8 @@ def run(ctx: Context) -> dict:
     ranks = jax.device_get(result.ranks) if result.ranks is not None else None
     params = jax.device_get(result.params)
     if ctx.is_main:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, SUPERNET_FILE)
-            save_native(local, ctx.model_config, params, preprocessing=ctx.preprocessing)
-            epath.Path(local).copy(out / (SUPERNET_FILE + ".tmp"), overwrite=True)
-            (out / (SUPERNET_FILE + ".tmp")).replace(out / SUPERNET_FILE)
+        save_native(out / SUPERNET_FILE, ctx.model_config, params,
+                    preprocessing=ctx.preprocessing)
         if ranks is not None:
             save_scores(out / RANKS_FILE, ranks=ranks)
     from vitjax.stages.prune import parameter_count

@@ -9,9 +9,6 @@ same logits), and evaluated without finetuning.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,15 +68,11 @@ def parameter_count(params) -> int:
 
 
 def save_model(path: epath.Path, config, params, preprocessing=None) -> None:
-    """vitjax's weight file, written locally then copied (works for gs:// workdirs);
-    `preprocessing`: the input normalisation it was trained with (Context.preprocessing)."""
+    """vitjax's weight file (atomic, local or gs://); `preprocessing`: the input normalisation
+    it was trained with (Context.preprocessing)."""
     from vitjax.interop import save_native
 
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, path.name)
-        save_native(local, config, params, preprocessing=preprocessing)
-        epath.Path(local).copy(path.parent / (path.name + ".tmp"), overwrite=True)
-        (path.parent / (path.name + ".tmp")).replace(path)
+    save_native(path, config, params, preprocessing=preprocessing)
 
 
 def compare_with_masked(model_config, supernet, masks, pruned_config, pruned_params,
