@@ -39,8 +39,8 @@ def run(ctx: Context) -> dict:
     from vitjax.pruning import Policy, count_flops, prune_params
     from vitjax.scoring import score_model
     from vitjax.stages.finetune import finetune_config, train_pruned
+    from vitjax.stages.kit import parameter_count
     from vitjax.stages.pretrain import load_init_checkpoint
-    from vitjax.stages.prune import parameter_count
 
     checkpoint = ctx.config.get("init", {}).get("checkpoint")
     if not checkpoint:

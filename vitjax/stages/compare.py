@@ -32,6 +32,13 @@ from vitjax import workdir as workdir_lib
 from vitjax.errors import UserError
 from vitjax.models import ViT, ViTConfig
 from vitjax.stages.context import Context
+from vitjax.stages.kit import (
+    eval_accuracy,
+    load_weights,
+    parameter_count,
+    save_weights,
+    train_model,
+)
 
 METHODS = ("dynamicvit", "block", "block+token")
 DYNAMICVIT_FILE = "dynamicvit.json"
@@ -79,19 +86,9 @@ def _recipe(ctx: Context):
 
 
 def _train(ctx: Context, config, out, model, params, **kwargs):
-    from vitjax.stages.pretrain import StepBatches
-    from vitjax.training import train
-
-    datasets = ctx.datasets
-    result = train(config, str(out), model=model, train_batches=StepBatches(datasets),
-                   eval_sets={name: ctx.eval_batches(name) for name in datasets.eval_names},
-                   init_params=params, mesh=ctx.mesh, num_classes=datasets.num_classes,
-                   **kwargs)
-    if result.preempted:
-        raise UserError("the compare stage was preempted; rerun the same command to resume")
-    accuracy = {name: result.metrics[f"eval/{name}/model/accuracy"]
-                for name in datasets.eval_names}
-    return jax.device_get(result.params), accuracy
+    result = train_model(ctx, config, out, model, what="the compare stage", init_params=params,
+                         **kwargs)
+    return jax.device_get(result.params), eval_accuracy(ctx, result)
 
 
 def dynamicvit_schedule(ctx: Context, config: ViTConfig, target: float):
@@ -200,13 +197,12 @@ def _accuracy(ctx: Context, model, params, split: str) -> float:
 def save_result(ctx: Context, method: str, result: dict, out) -> dict:
     """Weights (+ DynamicViT schedule), a verified jax.export artifact, result.json."""
     from vitjax.export import export_all
-    from vitjax.stages.prune import parameter_count, save_model
 
     summary = {k: result[k] for k in ("accuracy", "gmacs", "block_gmacs") if k in result}
     summary.update(params=parameter_count(result["params"]), method=method,
                    weights=str(out / "model.safetensors"))
     if ctx.is_main:
-        save_model(out / "model.safetensors", result["config"], result["params"],
+        save_weights(out / "model.safetensors", result["config"], result["params"],
                    ctx.preprocessing)
         if "dynamicvit" in result:
             workdir_lib.write_json(out / DYNAMICVIT_FILE, result["dynamicvit"])
@@ -220,12 +216,8 @@ def save_result(ctx: Context, method: str, result: dict, out) -> dict:
 
 def load_model(ctx: Context, method: str):
     """(model, params) of a finished method, for the report's speed measurement."""
-    from vitjax.interop import load_native
-    from vitjax.stages.context import local_copy
-
     out = ctx.workdir / "compare" / folder(method)
-    with local_copy(out / "model.safetensors") as local:
-        config, params = load_native(local)
+    config, params = load_weights(out / "model.safetensors", "compare")
     if (out / DYNAMICVIT_FILE).exists():
         from vitjax.dynamicvit import DynamicViT, DynamicViTConfig
 

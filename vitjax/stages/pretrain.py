@@ -20,25 +20,15 @@ import numpy as np
 from etils import epath
 
 from vitjax.errors import UserError
-from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context, local_copy
-
-
-class StepBatches:
-    """`step -> (images, labels)` over the data pipeline's sequential train stream: the trainer
-    asks for consecutive steps, and a jump (a resumed run) restarts the stream at that step.
-    Mixing (mixup/cutmix) happens in the jitted step, on device."""
-
-    def __init__(self, datasets):
-        self._datasets = datasets
-        self._next_step: int | None = None
-        self._iterator = None
-
-    def __call__(self, step: int):
-        if self._iterator is None or step != self._next_step:
-            self._iterator = iter(self._datasets.train_batches(step))
-        batch = next(self._iterator)
-        self._next_step = step + 1
-        return batch["image"], batch["label"]
+from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context
+from vitjax.stages.kit import (
+    distillation_setup,
+    load_teacher,
+    local_copy,
+    parameter_count,
+    save_weights,
+    train_model,
+)
 
 
 def load_init_checkpoint(ctx: Context, path: str):
@@ -101,47 +91,6 @@ def check_preprocessing(ctx: Context, path: str, loaded) -> None:
                     "config.init.preprocessing='imagenet' or 'inception' to state it)", message)
 
 
-def load_teacher(ctx: Context):
-    """(ViT, host parameters) of `config.init.checkpoint` as it was trained (its own classes and
-    image size, no head replaced): the frozen dense teacher. A one-line UserError when it cannot
-    teach config.model's student (other classes, image size or patch size)."""
-    from vitjax.interop import load_checkpoint
-    from vitjax.training.losses import check_teacher
-
-    path = ctx.config.init.checkpoint
-    cache = ctx.__dict__.setdefault("_teacher", {})
-    if path not in cache:
-        remote = "://" in path and not path.lower().endswith(".npz")
-        try:
-            with local_copy(epath.Path(path)) if remote else contextlib.nullcontext(path) as local:
-                loaded = load_checkpoint(
-                    local, num_heads=ctx.model_config.num_heads,
-                    preprocessing=ctx.config.init.get("preprocessing") or None)
-            check_teacher(ctx.model_config, loaded.config)
-        except (FileNotFoundError, ValueError, ImportError) as e:
-            raise UserError(f"config.init.checkpoint {path} as teacher: {e}") from None
-        cache[path] = (ctx.model(loaded.config), jax.device_get(loaded.params))
-    return cache[path]
-
-
-def distillation_setup(ctx: Context, student, train_config):
-    """(loss_fn, frozen teacher parameters, teacher name) distilling `student` from the init
-    checkpoint's dense model with train_config.distill / temperature."""
-    from vitjax.training.losses import distillation_loss
-
-    if not ctx.config.get("init", {}).get("checkpoint"):
-        raise UserError(f"config.train.distill={train_config.distill} needs a teacher: set "
-                        "config.init.checkpoint to the trained dense model, or "
-                        "--config.train.distill=0")
-    teacher, params = load_teacher(ctx)
-    try:
-        loss_fn = distillation_loss(student, teacher, weight=float(train_config.distill),
-                                    temperature=float(train_config.get("temperature", 1.0)))
-    except ValueError as e:
-        raise UserError(f"config.train: {e}") from None
-    return loss_fn, params, f"dense model of {ctx.config.init.checkpoint}"
-
-
 def dense_accuracy(ctx: Context) -> dict[str, float] | None:
     """The starting model's accuracy per evaluation set (None without a checkpoint that fits
     config.model's classes): what compressing it is measured against."""
@@ -158,9 +107,7 @@ def dense_accuracy(ctx: Context) -> dict[str, float] | None:
 
 
 def run(ctx: Context) -> dict:
-    from vitjax.interop import save_native
     from vitjax.scoring import save_scores, score_model
-    from vitjax.training import train
 
     out = ctx.stage_dir("pretrain")
     config = ctx.config
@@ -176,8 +123,6 @@ def run(ctx: Context) -> dict:
     if config.train.get("target_gmacs") is None and ctx.target_gmacs is not None:
         config = config.copy_and_resolve_references()
         config.train.target_gmacs = ctx.target_gmacs
-    datasets = ctx.datasets
-    eval_sets = {name: ctx.eval_batches(name) for name in datasets.eval_names}
     score_batch = int(config.get("score", {}).get("batch_size", 256))
     reference = dense_accuracy(ctx)
     if reference:
@@ -187,23 +132,16 @@ def run(ctx: Context) -> dict:
     loss_fn = frozen = teacher = None
     if float(config.train.get("distill", 0.0) or 0.0) > 0:
         loss_fn, frozen, teacher = distillation_setup(ctx, student, config.train)
-    result = train(
-        config, str(out), model=student, train_batches=StepBatches(datasets),
-        eval_sets=eval_sets, init_params=init_params, rank_fn=rank_fn,
-        score_batch=(ctx.train_images(score_batch, gather=False), None), mesh=ctx.mesh,
-        num_classes=datasets.num_classes, loss_fn=loss_fn, frozen=frozen,
-    )
-    if result.preempted:
-        raise UserError("pretraining was preempted; rerun the same command to resume")
+    result = train_model(
+        ctx, config, out, student, what="pretraining", init_params=init_params, rank_fn=rank_fn,
+        score_batch=(ctx.train_images(score_batch, gather=False), None), loss_fn=loss_fn,
+        frozen=frozen)
     ranks = jax.device_get(result.ranks) if result.ranks is not None else None
     params = jax.device_get(result.params)
     if ctx.is_main:
-        save_native(out / SUPERNET_FILE, ctx.model_config, params,
-                    preprocessing=ctx.preprocessing)
+        save_weights(out / SUPERNET_FILE, ctx.model_config, params, ctx.preprocessing)
         if ranks is not None:
             save_scores(out / RANKS_FILE, ranks=ranks)
-    from vitjax.stages.prune import parameter_count
-
     return {"metrics": result.metrics, "dense_gmacs": ctx.dense_gmacs, "steps": result.step,
             "init_accuracy": reference, "teacher": teacher,
             "params": parameter_count(params), "supernet": str(out / SUPERNET_FILE),

@@ -17,6 +17,7 @@ from etils import epath
 from vitjax import workdir as workdir_lib
 from vitjax.errors import UserError
 from vitjax.stages.context import Context
+from vitjax.stages.kit import parameter_count, save_weights
 
 PRUNED_FILE = "pruned.safetensors"
 
@@ -61,18 +62,6 @@ def policy_warnings(ctx: Context, policy) -> list[str]:
         problems.append("removes every attention head: the class token never sees the image, "
                         "so every image gets the same prediction")
     return problems
-
-
-def parameter_count(params) -> int:
-    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
-
-
-def save_model(path: epath.Path, config, params, preprocessing=None) -> None:
-    """vitjax's weight file (atomic, local or gs://); `preprocessing`: the input normalisation
-    it was trained with (Context.preprocessing)."""
-    from vitjax.interop import save_native
-
-    save_native(path, config, params, preprocessing=preprocessing)
 
 
 def compare_with_masked(model_config, supernet, masks, pruned_config, pruned_params,
@@ -137,7 +126,7 @@ def run(ctx: Context) -> dict:
         accuracy[name] = result["accuracy"]
     dense_gmacs, pruned_gmacs = ctx.dense_gmacs, count_flops(pruned_config).total
     if ctx.is_main:
-        save_model(out / PRUNED_FILE, pruned_config, pruned_params, ctx.preprocessing)
+        save_weights(out / PRUNED_FILE, pruned_config, pruned_params, ctx.preprocessing)
         workdir_lib.write_text(out / "architecture.json", pruned_config.to_json())
         workdir_lib.write_text(out / "policy.json", policy.to_json())
     summary = {

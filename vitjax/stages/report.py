@@ -13,7 +13,8 @@ import jax
 import numpy as np
 
 from vitjax import workdir as workdir_lib
-from vitjax.stages.context import Context, local_copy
+from vitjax.stages.context import Context
+from vitjax.stages.kit import load_weights, parameter_count
 
 
 def _done(ctx: Context, stage: str) -> dict | None:
@@ -57,8 +58,7 @@ def _pct(value) -> str:
 
 
 def run(ctx: Context) -> dict:
-    from vitjax.interop import load_native
-    from vitjax.stages.prune import PRUNED_FILE, parameter_count
+    from vitjax.stages.prune import PRUNED_FILE
 
     out = ctx.stage_dir("report")
     done = {s: _done(ctx, s) for s in ("pretrain", "score", "criteria", "search", "ablation",
@@ -82,8 +82,8 @@ def run(ctx: Context) -> dict:
     if done["pretrain"]:
         contenders["dense"] = (ctx.model(), supernet)
     if done["prune"]:
-        with local_copy(ctx.workdir / "prune" / PRUNED_FILE) as local:
-            pruned_config, pruned_params = load_native(local)
+        pruned_config, pruned_params = load_weights(ctx.workdir / "prune" / PRUNED_FILE,
+                                                    "prune")
         contenders["pruned"] = (ctx.model(pruned_config), pruned_params)
     compare_methods = (done["compare"] or {}).get("methods") or {}
     if compare_methods:
