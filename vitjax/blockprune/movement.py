@@ -30,7 +30,7 @@ Two modes (`MovementConfig.mode`):
       the TopKBinarizer works per weight matrix), with p following the cubic schedule from 1 to
       `final_keep` (Zhu & Gupta; Sanh et al.'s `schedule_threshold`).
 
-The training loss is a `vitjax.training.steps.LossFn` over params {'vit', 'scores'}; 'topk' needs
+The training loss is a `vitjax.training.losses.LossFn` over params {'vit', 'scores'}; 'topk' needs
 the step number, which `LossFn` does not receive: it reads it from the state's `frozen` tree
 (`movement_frozen(step)`, refreshed by the caller's loop before each step).
 
@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from vitjax.models.config import ViTConfig
 from vitjax.models.vit import Masks, ViT
@@ -59,7 +58,7 @@ from vitjax.pruning.prune import prune_params
 
 if TYPE_CHECKING:
     # Only the type: importing vitjax.training loads the trainer and TensorFlow (via clu).
-    from vitjax.training.steps import LossFn
+    from vitjax.training.losses import LossFn
 
 Scores = dict[str, jax.Array]  # {'head': [L, H], 'neuron': [L, F / neuron_block]}
 
@@ -258,7 +257,7 @@ def _schedule_step(frozen) -> jax.Array:
 
 
 def movement_loss(model: ViT, mcfg: MovementConfig) -> LossFn:
-    """Cross-entropy of `model` on batch['target'] (soft targets, as `classification_loss`)
+    """Cross-entropy of `model` on batch['target'] (soft targets, `vitjax.training.losses`)
     under the learned masks, plus reg_weight * `l1_regularizer` in 'soft' mode.
 
     params: {'vit': ViT parameters, 'scores': see `movement_init_fn`}. frozen: None ('soft') or
@@ -267,6 +266,8 @@ def movement_loss(model: ViT, mcfg: MovementConfig) -> LossFn:
     kept_neurons (fractions kept in the forward pass), regularizer ('soft') or keep_fraction
     ('topk').
     """
+
+    from vitjax.training.losses import accuracy, cross_entropy
 
     def loss_fn(params, frozen, batch, masks, rng):
         if masks is not None:
@@ -279,9 +280,9 @@ def movement_loss(model: ViT, mcfg: MovementConfig) -> LossFn:
         learned = movement_masks(scores, mcfg, step)
         logits, _ = model.apply({"params": params["vit"]}, batch["image"], masks=learned,
                                 train=True, rngs={"dropout": rng})
-        loss = optax.softmax_cross_entropy(logits, batch["target"]).mean()
+        loss = cross_entropy(logits, batch["target"])
         metrics = {
-            "accuracy": (jnp.argmax(logits, axis=-1) == batch["label"]).mean(),
+            "accuracy": accuracy(logits, batch["label"]),
             "kept_heads": learned.head.mean(),
             "kept_neurons": learned.neuron.mean(),
         }

@@ -21,6 +21,7 @@ _TENSORFLOW_EXPORTS = {
     "Datasets": "pipeline",
     "class_balanced_sample": "pipeline",
     "make_datasets": "pipeline",
+    "MixConfig": "mixup",
     "mix_batch": "mixup",
     "mixup_cutmix": "mixup",
     "smooth_labels": "mixup",

@@ -163,7 +163,7 @@ def deit_augment_config(**overrides) -> ml_collections.ConfigDict:
             cutmix=1.0,  # Beta alpha; 0 disables
             mix_prob=1.0,  # probability that a batch is mixed at all
             switch_prob=0.5,  # cutmix vs mixup when both are on
-            label_smoothing=0.1,
+            # (label smoothing is the loss's: config.train.label_smoothing)
         )
     )
     config.update(overrides)
@@ -179,7 +179,6 @@ def light_augment_config(**overrides) -> ml_collections.ConfigDict:
         random_erasing=0.0,
         mixup=0.0,
         cutmix=0.0,
-        label_smoothing=0.1,
     )
     config.update(overrides)
     return config
@@ -194,5 +193,4 @@ def no_augment_config() -> ml_collections.ConfigDict:
         random_erasing=0.0,
         mixup=0.0,
         cutmix=0.0,
-        label_smoothing=0.0,
     )
