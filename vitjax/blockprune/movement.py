@@ -55,6 +55,7 @@ from vitjax.pruning.flops import count_flops
 from vitjax.pruning.masks import Ranks, ranks_from_scores
 from vitjax.pruning.policy import KeepCounts, Policy
 from vitjax.pruning.prune import prune_params
+from vitjax.pruning.sampling import check_reachable
 
 if TYPE_CHECKING:
     # Only the type: importing vitjax.training loads the trainer and TensorFlow (via clu).
@@ -402,13 +403,10 @@ def threshold_to_budget(
         policy = policy_from_keep_counts(vit_config, keep_first(count))
         return count_flops(vit_config, policy).total
 
-    smallest = gmacs(0)
-    if target_gmacs < smallest:
-        raise ValueError(
-            f"target {target_gmacs:.6g} GMACs is below the smallest model ({smallest:.6g} GMACs "
-            "with every head and neuron removed: patch embedding, classifier"
-            + (" and the given token counts)" if token_keep is not None else ")")
-        )
+    check_reachable(target_gmacs, gmacs(0),
+                    detail=" with every head and neuron removed: patch embedding, classifier"
+                    + (" and the given token counts" if token_keep is not None else ""),
+                    fix="raise the target")
     # Every block costs MACs, so the cost grows strictly along the order: binary search for the
     # longest prefix within budget.
     low, high = 0, len(order)

@@ -209,7 +209,7 @@ def trained_region(config: ViTConfig, space: SearchSpace,
     (on digits at 60% FLOPs: 3 of 4 heads at least) and its accuracy there says little.
     None: the box covers the whole space (nothing to restrict)."""
     from vitjax.pruning.flops import count_flops
-    from vitjax.pruning.policy import SamplingSpace, calibrated_space
+    from vitjax.pruning.sampling import SamplingSpace, calibrated_space
 
     trained = SamplingSpace()
     if trained_gmacs is not None and trained_gmacs < count_flops(config).total:

@@ -142,21 +142,16 @@ def check_target(model_config, target_gmacs: float | None, dense_gmacs: float) -
     """The FLOPs budget must lie between the smallest model the supernet samples and dense."""
     if target_gmacs is None:
         return
-    from vitjax.pruning import Policy, count_flops
-    from vitjax.pruning.policy import SamplingSpace
+    from vitjax.pruning.sampling import check_reachable, smallest_gmacs
 
-    space = SamplingSpace()
-    smallest = count_flops(model_config, Policy.uniform(
-        model_config.depth, space.neuron, space.head, space.token)).total
     _require(target_gmacs < dense_gmacs,
              f"FLOPs target {target_gmacs:.4g} GMACs is not below the dense model "
              f"({dense_gmacs:.4g} GMACs); lower config.target_flops_fraction (or "
              "train.target_gmacs)")
-    _require(target_gmacs >= smallest,
-             f"FLOPs target {target_gmacs:.4g} GMACs ({target_gmacs / dense_gmacs:.1%} of dense) "
-             f"is below the smallest model the supernet can sample ({smallest:.4g} GMACs, "
-             f"{smallest / dense_gmacs:.1%}); raise config.target_flops_fraction above "
-             f"{smallest / dense_gmacs:.2f}")
+    smallest = smallest_gmacs(model_config)
+    check_reachable(target_gmacs, smallest, of="the supernet can sample",
+                    detail=f", {smallest / dense_gmacs:.1%} of dense", error=UserError,
+                    fix=f"raise config.target_flops_fraction above {smallest / dense_gmacs:.2f}")
 
 
 def check_workdir(path: epath.Path) -> None:
