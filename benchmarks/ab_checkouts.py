@@ -9,7 +9,7 @@
 Each checkout runs in its own process with its own `PYTHONPATH` (the one importing `vitjax`
 from `--base`, the other from `--new`, this checkout by default), the same contender as
 `benchmarks/dense_vs_timm.py` (DeiT, 224px, 1000 classes, float32, AdamW with donated state for
-the step), and the two take turns for --seconds per round (vitjax/export/timing.py). It prints
+the step), and the two take turns for --seconds per round (vitjax/bench/timing.py). It prints
 each round's images/s and the median of per-round new/base ratios: a ratio inside the spread of
 the rounds is no change. `--xla-flags` are added to XLA_FLAGS of the new side only (the base
 keeps the caller's), so one checkout can be timed against itself with and without a compiler flag.
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         import dense_vs_timm
 
         import vitjax
-        from vitjax.export import timing
+        from vitjax.bench import timing
 
         run_once = dense_vs_timm.vitjax_contender(spec["variant"], spec["batch"], spec["what"],
                                                   "dense")
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     paths = {"base": checkout(args.base), "new": checkout(args.new)}
     if paths["base"] == paths["new"] and args.xla_flags is None:
         parser.error("--base and --new are the same checkout (give --xla-flags to time a flag)")
-    from vitjax.export import timing
+    from vitjax.bench import timing
 
     spec = json.dumps({"variant": args.variant, "batch": args.batch, "what": args.what})
     print(f"DeiT-{args.variant} {args.what}, batch {args.batch}; {timing.load_average()} (before)")

@@ -11,6 +11,7 @@ from vitjax.pruning.masks import (
 )
 from vitjax.pruning.policy import KeepCounts, Policy
 from vitjax.pruning.prune import prune_params
+from vitjax.pruning.rounding import round_policy_to_multiple
 from vitjax.pruning.sampling import (
     SamplingSpace,
     calibrated_space,
@@ -22,5 +23,5 @@ __all__ = [
     "Flops", "count_flops", "count_flops_batch", "relaxed_gmacs", "Ranks", "identity_ranks",
     "masks_from_ranks", "policy_masks", "ranks_from_scores", "static_token_masks", "KeepCounts",
     "Policy", "SamplingSpace", "calibrated_space", "policy_rng", "sample_policy",
-    "prune_params",
+    "prune_params", "round_policy_to_multiple",
 ]

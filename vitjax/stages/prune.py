@@ -95,7 +95,7 @@ def run(ctx: Context) -> dict:
     policy, source = chosen_policy(ctx)
     round_to = int(ctx.config.get("prune", {}).get("round_to", 0) or 0)
     if round_to:
-        from vitjax.export.rounding import round_policy_to_multiple
+        from vitjax.pruning.rounding import round_policy_to_multiple
 
         policy = round_policy_to_multiple(ctx.model_config, policy, round_to,
                                           ctx.target_gmacs or ctx.dense_gmacs)

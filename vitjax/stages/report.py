@@ -9,6 +9,8 @@ images/s); GP search vs random search vs the authors' method (Table 5); the crit
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -29,7 +31,7 @@ def throughput(models: dict, image_size: int, batches=(1, 64), *, rounds: int = 
     repeatedly for `seconds` in turn (A B C A B C ...), so a change of machine load hits all
     of them alike; the median round per model. One process: a quick, fair reading for the
     report; `benchmarks/pruned_speedup.py` is the separate-process measurement."""
-    from vitjax.export.timing import timed_calls
+    from vitjax.bench.timing import alternate_rounds, rate
 
     forwards = {name: (jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)[0]),
                        jax.device_put(params))
@@ -38,16 +40,13 @@ def throughput(models: dict, image_size: int, batches=(1, 64), *, rounds: int = 
     for batch in batches:
         images = np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3))
         images = jax.device_put(images.astype(np.float32))
-        calls = {}
+        measures = {}
         for name, (forward, params) in forwards.items():
             forward(params, images).block_until_ready()  # compile
-            calls[name] = lambda forward=forward, params=params, images=images: \
-                forward(params, images).block_until_ready()
-        samples: dict = {name: [] for name in models}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                n, elapsed = timed_calls(call, seconds)
-                samples[name].append(batch * n / elapsed)
+            call = functools.partial(lambda f, p, x: f(p, x).block_until_ready(), forward,
+                                     params, images)
+            measures[name] = functools.partial(rate, call, batch, seconds)
+        samples = alternate_rounds(measures, rounds)
         for name in models:
             out[name][batch] = float(np.median(samples[name]))
     return out
