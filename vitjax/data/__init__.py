@@ -25,7 +25,6 @@ _TENSORFLOW_EXPORTS = {
     "mix_batch": "mixup",
     "mixup_cutmix": "mixup",
     "smooth_labels": "mixup",
-    "global_batch": "sharding",
     "prefetch_to_device": "sharding",
     "process_slice": "sharding",
     "DatasetNotFoundError": "sources",

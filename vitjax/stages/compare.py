@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 
 from vitjax import workdir as workdir_lib
 from vitjax.errors import UserError
-from vitjax.models import ViT, ViTConfig
+from vitjax.models import ViTConfig
 from vitjax.stages.context import Context
 from vitjax.stages.kit import (
     eval_accuracy,
@@ -46,30 +45,6 @@ DYNAMICVIT_FILE = "dynamicvit.json"
 
 def folder(method: str) -> str:
     return method.replace("+", "_")
-
-
-class MovementViT(nn.Module):
-    """A ViT whose heads and FFN neuron blocks are masked by learned movement scores: params
-    {'vit': ViT params, 'scores': {'head', 'neuron'}}, so the shared trainer and evaluator see
-    one model (the evaluator calls it like a ViT)."""
-
-    config: ViTConfig
-    mcfg: object  # vitjax.blockprune.MovementConfig
-    drop_path_rate: float = 0.0
-    dtype: object = None
-
-    @nn.compact
-    def __call__(self, images, masks=None, train: bool = False):
-        from vitjax.blockprune import init_scores, learned_scores, movement_masks
-
-        if masks is not None:
-            raise ValueError("movement pruning learns its own masks; pass masks=None")
-        stored = self.param("scores", lambda _: jax.tree.map(
-            lambda s: s / self.mcfg.score_lr_scale, init_scores(self.config, self.mcfg)))
-        scores = learned_scores({"scores": stored}, self.mcfg)
-        kwargs = {} if self.dtype is None else {"dtype": self.dtype}
-        vit = ViT(self.config, drop_path_rate=self.drop_path_rate, name="vit", **kwargs)
-        return vit(images, movement_masks(scores, self.mcfg), train=train)
 
 
 def _recipe(ctx: Context):
@@ -159,6 +134,7 @@ def train_block(ctx: Context, target: float, out) -> dict:
     """Movement pruning of the dense supernet to `target` GMACs, sliced."""
     from vitjax.blockprune import (
         MovementConfig,
+        MovementViT,
         learned_scores,
         movement_init_fn,
         movement_loss,
