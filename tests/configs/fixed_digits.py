@@ -48,6 +48,7 @@ FIXED = {'ablation': {'budgets': (0.5,),
              'token_distill_weight': 0.5},
  'criteria': {'ratios': (0.0, 0.5)},
  'data': {'cache_eval': True,
+          'cache_eval_mb': 256,  # the default the code read before issue 21 declared it
           'channels': 3,
           'data_dir': None,
           'eval_crop_pct': 1.0,

@@ -62,6 +62,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             seed=0,  # shuffling, hold-out choice and per-example augmentation
             shuffle_buffer=16_384,  # TFDS only; index-based sources shuffle exactly
             cache_eval=True,  # keep preprocessed hold-out/eval images in host memory
+            # An evaluation set whose float32 images fit in this many MiB is also kept on the
+            # host after its first pass by the stages (searches make hundreds of passes).
+            cache_eval_mb=256,
             # digits only
             test_fraction=0.2,
             num_parallel_calls=-1,  # -1: tf.data AUTOTUNE

@@ -25,11 +25,16 @@ from vitjax.stages.context import Context
 BASELINE_FILE = "baseline.safetensors"
 
 
+def check_config(config) -> None:
+    steps = (config.get("baseline") or {}).get("steps")
+    if steps is not None and int(steps) < 1:
+        raise UserError(f"config.baseline.steps={steps}: needs at least one step (None: the "
+                        "supernet's plus the finetuning's)")
+
+
 def baseline_steps(ctx: Context, finetune_train) -> int:
     given = ctx.config.get("baseline", {}).get("steps")
     if given is not None:
-        if int(given) < 1:
-            raise UserError(f"config.baseline.steps={given}: needs at least one step")
         return int(given)
     return int(ctx.config.train.steps) + int(finetune_train.steps)
 

@@ -203,6 +203,19 @@ def load_model(ctx: Context, method: str):
     return ctx.model(config), params
 
 
+def check_config(config) -> None:
+    block = config.get("compare") or {}
+    methods = tuple(block.get("methods", ()) or ())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"config.compare.methods has {unknown}; choose from {list(METHODS)}")
+    if "block+token" in methods:
+        share = float(block.block_share)
+        if not 0.0 < share < 1.0:
+            raise UserError(f"config.compare.block_share={share}: the fraction of the FLOPs "
+                            "cut taken by block pruning must be in (0, 1)")
+
+
 def run(ctx: Context) -> dict:
     block = ctx.config.get("compare")
     methods = tuple(block.get("methods", ()) or ()) if block else ()
@@ -210,9 +223,6 @@ def run(ctx: Context) -> dict:
         print("[vitjax] compare: skipped, config.compare.methods is empty (e.g. "
               "--config=configs/digits.py:compare)", flush=True)
         return {"methods": {}}
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"config.compare.methods has {unknown}; choose from {list(METHODS)}")
     out = ctx.stage_dir("compare")
     prune = ctx.done_file("prune")
     target = workdir_lib.read_json(prune)["pruned_gmacs"] if prune.exists() else \
@@ -236,10 +246,7 @@ def run(ctx: Context) -> dict:
         elif method == "block":
             result = train_block(ctx, target, mdir)
         else:
-            share = float(block.get("block_share", 0.5))
-            if not 0.0 < share < 1.0:
-                raise UserError(f"config.compare.block_share={share}: the fraction of the FLOPs "
-                                "cut taken by block pruning must be in (0, 1)")
+            share = float(block.block_share)
             middle = ctx.dense_gmacs - share * (ctx.dense_gmacs - target)
             first = train_block(ctx, middle, mdir / "block")
             result = train_dynamicvit(ctx, first["config"], first["params"], target, mdir)

@@ -156,7 +156,7 @@ class Context:
     def eval_batches(self, name: str):
         """A callable returning a fresh pass over evaluation set `name` ('holdout'/'test'),
         this process's padded batches. Streamed (never the whole set in memory), unless the
-        set's images fit in `config.data.cache_eval_mb` (default 256): then the first pass is
+        set's images fit in `config.data.cache_eval_mb`: then the first pass is
         kept in host memory, since the criteria sweep and the searches make hundreds of passes
         and a tf.data pass costs more than evaluating a small set (digits)."""
         datasets = self.datasets
@@ -167,7 +167,7 @@ class Context:
         stream = functools.partial(datasets.eval_batches, name)
         size = int(self.config.data.image_size)
         megabytes = datasets.eval_size(name) * size * size * 3 * 4 / 2**20
-        if megabytes > float(self.config.data.get("cache_eval_mb", 256)):
+        if megabytes > float(self.config.data.cache_eval_mb):
             return stream
         cache = self.__dict__.setdefault("_eval_cache", {})
 

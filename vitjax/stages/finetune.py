@@ -29,11 +29,9 @@ SUPERNET_ONLY_KEYS = ("sample_policies", "sandwich", "target_gmacs", "target_tol
                       "score_every", "token_mode")
 
 
-def finetune_config(ctx: Context):
-    """config with config.train replaced by the finetuning recipe (no policy sampling)."""
-    config = ctx.config.copy_and_resolve_references()
-    # Unset (None) keys keep config.train's value.
-    overrides = {k: v for k, v in dict(ctx.config.get("finetune", {})).items() if v is not None}
+def _overrides(config) -> dict:
+    """config.finetune's set keys (unset, None, keys keep config.train's value), checked."""
+    overrides = {k: v for k, v in dict(config.get("finetune", {})).items() if v is not None}
     unknown = sorted(set(overrides) - set(config.train))
     if unknown:
         raise UserError(f"config.finetune has unknown keys {unknown}; it overrides keys of "
@@ -43,6 +41,30 @@ def finetune_config(ctx: Context):
         raise UserError(f"config.finetune sets {supernet_only}, which only the supernet's "
                         "training uses: finetuning trains the pruned model itself, without "
                         "policies; leave them unset")
+    return overrides
+
+
+def check_config(config) -> None:
+    """config.finetune: the keys it overrides, its length and warmup, its teacher weight."""
+    from vitjax.stages.checks import check_distillation, clamp_warmup, require
+
+    finetune = config.get("finetune")
+    if finetune is None:
+        return
+    _overrides(config)
+    given = finetune.get("steps")
+    steps = int(config.train.steps if given is None else given)
+    require(steps > 0, f"config.finetune.steps={steps}: finetuning needs at least one step")
+    warmup = finetune.get("warmup_steps")
+    clamp_warmup(finetune, "finetune", steps,
+                 int(config.train.warmup_steps if warmup is None else warmup))
+    check_distillation(finetune, "finetune")
+
+
+def finetune_config(ctx: Context):
+    """config with config.train replaced by the finetuning recipe (no policy sampling)."""
+    config = ctx.config.copy_and_resolve_references()
+    overrides = _overrides(ctx.config)
     config.train.update(overrides)
     config.train.sample_policies = False
     config.train.target_gmacs = None

@@ -30,6 +30,47 @@ from vitjax.stages.kit import (
     train_model,
 )
 
+TOKEN_MODES = ("attention", "static")
+# Optimisation hyper-parameters that `train.resume_overrides` may change when resuming a run
+# (e.g. a lower learning rate after the loss diverged).
+RESUMABLE_TRAIN_KEYS = ("lr", "min_lr", "warmup_lr", "warmup_steps", "grad_clip",
+                        "weight_decay", "b1", "b2", "steps")
+
+
+def check_config(config) -> None:
+    """config.train (what every training reads; finetuning overrides it), the teacher and the
+    FLOPs budget; a warmup as long as the run is shortened with a warning."""
+    from vitjax.stages.checks import check_distillation, clamp_warmup, require, resume_overrides
+
+    train = config.train
+    steps = int(train.steps)
+    require(steps > 0, f"config.train.steps={steps}: training needs at least one step")
+    for key in ("batch_size", "eval_batch_size"):
+        value = train.get(key)
+        require(value is None or int(value) > 0,
+                f"config.train.{key}={value}: must be a positive number of images")
+    clamp_warmup(train, "train", steps, int(train.get("warmup_steps", 0) or 0))
+    token_mode = train.get("token_mode", "attention")
+    require(token_mode in TOKEN_MODES,
+            f"config.train.token_mode={token_mode!r}: choose one of {', '.join(TOKEN_MODES)}")
+    if token_mode == "attention" and config.model.get("class_token") is False:
+        require(False, "config.train.token_mode='attention' selects tokens by class attention, "
+                "but config.model has no class token (class_token=False); set "
+                "--config.train.token_mode=static")
+    unknown = sorted(set(resume_overrides(config)) - set(RESUMABLE_TRAIN_KEYS))
+    require(not unknown, f"config.train.resume_overrides names {unknown}: only "
+            f"{', '.join(RESUMABLE_TRAIN_KEYS)} may change when resuming")
+    check_distillation(train, "train")
+    if float(train.get("distill", 0.0) or 0.0) > 0:
+        require(bool((config.get("init") or {}).get("checkpoint")),
+                f"config.train.distill={train.distill} needs a teacher: set "
+                "config.init.checkpoint to the trained dense model, or --config.train.distill=0")
+    fraction = config.get("target_flops_fraction")
+    if fraction is not None and train.get("target_gmacs") is None:
+        require(0 < float(fraction) < 1,
+                f"config.target_flops_fraction={fraction}: the FLOPs budget is a fraction of "
+                "the dense model in (0, 1), e.g. 0.6 for the paper's 40% reduction")
+
 
 def load_init_checkpoint(ctx: Context, path: str):
     """Parameters of `config.init.checkpoint`: a timm/DeiT state dict, an AugReg / big_vision
