@@ -1,5 +1,6 @@
-"""What the step benchmarks share (supernet_step.py, teacher_cost.py): fake CPU devices, mesh
-layouts written 'data=4,model=2,fsdp', and the per-device memory of a compiled train step.
+"""What the step benchmarks share (supernet_step.py, teacher_cost.py): the parts runner, fake
+CPU devices, mesh layouts written 'data=4,model=2,fsdp', and the per-device memory of a
+compiled train step.
 
 Import it before jax (`fake_cpu_devices` must set XLA_FLAGS first).
 """
@@ -7,8 +8,23 @@ Import it before jax (`fake_cpu_devices` must set XLA_FLAGS first).
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable, Mapping
 
 GIB = 2**30
+
+
+def run_parts(args, parts: Mapping[str, Callable[[], None]]) -> None:
+    """Fakes `args.devices` CPU devices, prints the jax header, then runs the parts that
+    `args.part` names ('all': every one, in order)."""
+    fake_cpu_devices(args.devices)
+    import jax
+
+    print(f"jax {jax.__version__}, {jax.device_count()} devices ({jax.devices()[0].platform})")
+    for name, part in parts.items():
+        if args.part in (name, "all"):
+            part()
+    sys.stdout.flush()
 
 
 def fake_cpu_devices(count: int) -> None:

@@ -15,10 +15,9 @@ On CPU, `--devices N` fakes N devices (XLA_FLAGS); on GPU/TPU the real ones are 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from step_memory import GIB, fake_cpu_devices, mesh_layout, step_memory
+from step_memory import GIB, mesh_layout, run_parts, step_memory
 
 ARGS: argparse.Namespace  # set by main(): importing this module parses nothing
 
@@ -156,15 +155,7 @@ def memory():
 def main(argv=None) -> None:
     global ARGS
     ARGS = _parse(argv)
-    fake_cpu_devices(ARGS.devices)
-    import jax
-
-    print(f"jax {jax.__version__}, {jax.device_count()} devices ({jax.devices()[0].platform})")
-    if ARGS.part in ("throughput", "all"):
-        throughput()
-    if ARGS.part in ("memory", "all"):
-        memory()
-    sys.stdout.flush()
+    run_parts(ARGS, {"throughput": throughput, "memory": memory})
 
 
 if __name__ == "__main__":

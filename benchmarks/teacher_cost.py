@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
-from step_memory import GIB, fake_cpu_devices, mesh_layout, step_memory
+from step_memory import GIB, mesh_layout, run_parts, step_memory
 
 ARGS: argparse.Namespace  # set by main(): importing this module parses nothing
 
@@ -151,15 +150,7 @@ def time_ratio():
 def main(argv=None) -> None:
     global ARGS
     ARGS = _parse(argv)
-    fake_cpu_devices(ARGS.devices)
-    import jax
-
-    print(f"jax {jax.__version__}, {jax.device_count()} devices ({jax.devices()[0].platform})")
-    if ARGS.part in ("time", "all"):
-        time_ratio()
-    if ARGS.part in ("memory", "all"):
-        memory()
-    sys.stdout.flush()
+    run_parts(ARGS, {"time": time_ratio, "memory": memory})
 
 
 if __name__ == "__main__":

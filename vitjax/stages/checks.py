@@ -141,15 +141,11 @@ def _split(value: Any) -> list[str]:
     return list(value)
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
+def flatten(config: Mapping[str, Any]) -> dict[str, Any]:
+    """{'train': {'lr': x}} -> {'train.lr': x} (flax's own flattening)."""
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(config, sep=".")
 
 
 def stage_config(config: ml_collections.ConfigDict, sections: Iterable[str]) -> dict[str, Any]:

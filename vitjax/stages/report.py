@@ -337,12 +337,7 @@ def plot_front(points, path) -> None:
     for label, gmacs, acc in points:
         if label in markers and acc is not None:
             ax.plot([gmacs], [100 * acc], markers[label], markersize=10, label=label)
-    ax.set_xlabel("GMACs")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    workdir_lib.save_figure(fig, path)
+    workdir_lib.save_plot(fig, ax, path, "GMACs", "accuracy (%)")
 
 
 def expand_table(ctx: Context, expand, done: dict, split: str) -> list[str]:
