@@ -57,8 +57,7 @@ def run(ctx: Context) -> dict:
     dense = jax.device_get(load_init_checkpoint(ctx, checkpoint))
     score_config = dataclasses.replace(ctx.score_config(),
                                        score_tokens=ctx.token_mode == "static")
-    images = jnp.asarray(ctx.train_images(int(ctx.config.get("score", {}).get("batch_size",
-                                                                              256))))
+    images = jnp.asarray(ctx.train_images(ctx.score_batch_size))
     ranks = jax.device_get(score_model(ctx.model(), dense, images, config=score_config).ranks())
     policy = Policy.from_json((ctx.workdir / "prune" / "policy.json").read_text())
     pruned_config, params = prune_params(ctx.model_config, dense, policy, ranks, ctx.token_mode)

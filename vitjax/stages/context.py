@@ -239,6 +239,12 @@ class Context:
             )
         return ranks
 
+    @property
+    def score_batch_size(self) -> int:
+        """Images HSIC scoring reads (config.score.batch_size): the score and criteria stages,
+        the supernet's periodic re-ranking and the baseline's ranks."""
+        return int(self.config.score.batch_size)
+
     def score_config(self):
         from vitjax.scoring import ScoreConfig
 

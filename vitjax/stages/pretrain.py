@@ -164,7 +164,7 @@ def run(ctx: Context) -> dict:
     if config.train.get("target_gmacs") is None and ctx.target_gmacs is not None:
         config = config.copy_and_resolve_references()
         config.train.target_gmacs = ctx.target_gmacs
-    score_batch = int(config.get("score", {}).get("batch_size", 256))
+    score_batch = ctx.score_batch_size
     reference = dense_accuracy(ctx)
     if reference:
         print("[vitjax] pretrain: the dense model of config.init.checkpoint scores "
