@@ -34,6 +34,24 @@ def checkout(path: str) -> str:
     return path
 
 
+def _this_checkouts_timing():
+    """The timing harness of this script's checkout, whatever checkout `vitjax` is imported
+    from: the worker must speak the parent's protocol, and a base checkout may predate
+    `vitjax.bench` (the harness lived in vitjax/export/ before). It imports only the standard
+    library, so it is loaded from its file and registered under its name."""
+    import importlib.util
+    import types
+
+    path = os.path.join(os.path.dirname(HERE), "vitjax", "bench", "timing.py")
+    spec = importlib.util.spec_from_file_location("vitjax.bench.timing", path)
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    package = sys.modules.setdefault("vitjax.bench", types.ModuleType("vitjax.bench"))
+    package.timing = timing
+    sys.modules["vitjax.bench.timing"] = timing
+    return timing
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="checkout with the code before the change")
@@ -48,11 +66,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
+        timing = _this_checkouts_timing()
         sys.path.insert(0, HERE)
         import dense_vs_timm
 
         import vitjax
-        from vitjax.bench import timing
 
         run_once = dense_vs_timm.vitjax_contender(spec["variant"], spec["batch"], spec["what"],
                                                   "dense")
