@@ -50,6 +50,15 @@ def bisect_median(median_gmacs: Callable[[float], float], target_gmacs: float,
     return lo, hi
 
 
+def in_band(gmacs: np.ndarray, target_gmacs: float, tol: float | None) -> np.ndarray:
+    """U_T's acceptance of draws: GMACs <= target, and >= target * (1 - tol) with a band (the
+    authors' released code samples in one)."""
+    ok = gmacs <= target_gmacs
+    if tol is not None:
+        ok &= gmacs >= target_gmacs * (1.0 - tol)
+    return ok
+
+
 def check_reachable(target_gmacs: float, smallest_gmacs: float, *, of: str = "", fix: str,
                     detail: str = "", error: type[Exception] = ValueError) -> None:
     """The one error for a FLOPs target below the smallest model `of` can reach (or not
@@ -140,11 +149,7 @@ def sample_policy(
         tries += batch
         if target_gmacs is None:
             return Policy.from_vector(vectors[0])
-        gmacs = count_flops_batch(config, vectors)
-        ok = gmacs <= target_gmacs
-        if tol is not None:
-            ok &= gmacs >= target_gmacs * (1.0 - tol)
-        hits = np.flatnonzero(ok)
+        hits = np.flatnonzero(in_band(count_flops_batch(config, vectors), target_gmacs, tol))
         if hits.size:
             return Policy.from_vector(vectors[hits[0]])
     raise ValueError(

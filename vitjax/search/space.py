@@ -32,7 +32,12 @@ from vitjax.errors import UserError
 from vitjax.models.config import ViTConfig
 from vitjax.pruning.flops import count_flops_batch
 from vitjax.pruning.policy import DIMENSIONS, Policy
-from vitjax.pruning.sampling import bisect_median, calibration_draws, check_reachable
+from vitjax.pruning.sampling import (
+    bisect_median,
+    calibration_draws,
+    check_reachable,
+    in_band,
+)
 
 MODES = ("layer", "tied")
 _TOKEN_CEILING = 0.99  # a token ratio must stay < 1: the class token needs company to attend to
@@ -438,11 +443,7 @@ class SearchSpace:
             u = (rng.uniform(0.0, high[0], (batch, self.dim)) if scalar
                  else rng.uniform(low, high, (batch, self.dim)))
             draws += batch
-            gmacs = self.gmacs(config, u)
-            ok = gmacs <= target_gmacs
-            if tol is not None:
-                ok &= gmacs >= target_gmacs * (1.0 - tol)
-            found.append(u[ok])
+            found.append(u[in_band(self.gmacs(config, u), target_gmacs, tol)])
         return np.concatenate(found)[:count]
 
 
