@@ -44,7 +44,7 @@ def run(ctx: Context) -> dict:
     from vitjax.pruning import Policy, count_flops, prune_params
     from vitjax.scoring import score_model
     from vitjax.stages.finetune import finetune_config, train_pruned
-    from vitjax.stages.kit import parameter_count
+    from vitjax.stages.kit import accuracy_text, parameter_count
     from vitjax.stages.pretrain import load_init_checkpoint
 
     checkpoint = ctx.config.get("init", {}).get("checkpoint")
@@ -69,12 +69,12 @@ def run(ctx: Context) -> dict:
     steps = baseline_steps(ctx, config.train)
     config.train.steps = steps
     print("[vitjax] baseline: the policy cut from the dense model by its HSIC ranks scores "
-          + ", ".join(f"{k} {v:.1%}" for k, v in before.items())
+          + accuracy_text(before)
           + f" before training; training it for {steps} steps", flush=True)
     _, trained, accuracy, teacher = train_pruned(
         ctx, pruned_config, params, config, out, BASELINE_FILE, "the baseline's training")
     print("[vitjax] baseline: no-supernet baseline after training "
-          + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
+          + accuracy_text(accuracy), flush=True)
     return {"accuracy": accuracy, "accuracy_before_training": before, "steps": steps,
             "gmacs": count_flops(pruned_config).total, "params": parameter_count(trained),
             "teacher": teacher, "file": str(out / BASELINE_FILE)}

@@ -14,6 +14,7 @@ import jax
 from vitjax.errors import UserError
 from vitjax.stages.context import Context
 from vitjax.stages.kit import (
+    accuracy_text,
     eval_accuracy,
     load_weights,
     parameter_count,
@@ -95,7 +96,7 @@ def run(ctx: Context) -> dict:
     result, finetuned, accuracy, teacher = train_pruned(
         ctx, pruned_config, params, config, out, FINETUNED_FILE, "finetuning")
     print("[vitjax] finetune: accuracy after finetuning "
-          + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
+          + accuracy_text(accuracy), flush=True)
     return {"metrics": result.metrics, "accuracy": accuracy, "steps": result.step,
             "distill": float(config.train.get("distill", 0.0) or 0.0), "teacher": teacher,
             "params": parameter_count(finetuned),

@@ -22,6 +22,7 @@ from etils import epath
 from vitjax.errors import UserError
 from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context
 from vitjax.stages.kit import (
+    accuracy_text,
     distillation_setup,
     load_teacher,
     local_copy,
@@ -168,7 +169,7 @@ def run(ctx: Context) -> dict:
     reference = dense_accuracy(ctx)
     if reference:
         print("[vitjax] pretrain: the dense model of config.init.checkpoint scores "
-              + ", ".join(f"{k} {v:.1%}" for k, v in reference.items()), flush=True)
+              + accuracy_text(reference), flush=True)
     student = ctx.model(train=True)
     loss_fn = frozen = teacher = None
     if float(config.train.get("distill", 0.0) or 0.0) > 0:

@@ -17,7 +17,7 @@ from etils import epath
 from vitjax import workdir as workdir_lib
 from vitjax.errors import UserError
 from vitjax.stages.context import Context
-from vitjax.stages.kit import parameter_count, save_weights
+from vitjax.stages.kit import accuracy_text, parameter_count, save_weights
 
 PRUNED_FILE = "pruned.safetensors"
 
@@ -141,5 +141,5 @@ def run(ctx: Context) -> dict:
     print(f"[vitjax] prune: {pruned_gmacs:.4g} of {dense_gmacs:.4g} GMACs "
           f"({summary['flops_reduction']:.1%} fewer), {summary['pruned_params']:,} of "
           f"{summary['dense_params']:,} parameters; accuracy before finetuning "
-          + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
+          + accuracy_text(accuracy), flush=True)
     return summary
