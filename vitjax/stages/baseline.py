@@ -40,11 +40,10 @@ def baseline_steps(ctx: Context, finetune_train) -> int:
 
 
 def run(ctx: Context) -> dict:
-    from vitjax.evaluate import evaluate
     from vitjax.pruning import Policy, count_flops, prune_params
     from vitjax.scoring import score_model
     from vitjax.stages.finetune import finetune_config, train_pruned
-    from vitjax.stages.kit import accuracy_text, parameter_count
+    from vitjax.stages.kit import accuracy_text, evaluate_accuracy, parameter_count
     from vitjax.stages.pretrain import load_init_checkpoint
 
     checkpoint = ctx.config.get("init", {}).get("checkpoint")
@@ -61,9 +60,7 @@ def run(ctx: Context) -> dict:
     ranks = jax.device_get(score_model(ctx.model(), dense, images, config=score_config).ranks())
     policy = Policy.from_json((ctx.workdir / "prune" / "policy.json").read_text())
     pruned_config, params = prune_params(ctx.model_config, dense, policy, ranks, ctx.token_mode)
-    datasets = ctx.datasets
-    before = {name: evaluate(ctx.model(pruned_config), params, None, ctx.eval_batches(name)(),
-                             ctx.mesh)["accuracy"] for name in datasets.eval_names}
+    before = evaluate_accuracy(ctx, ctx.model(pruned_config), params)
 
     config, _ = finetune_config(ctx)
     steps = baseline_steps(ctx, config.train)

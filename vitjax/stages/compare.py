@@ -32,11 +32,12 @@ from vitjax.errors import UserError
 from vitjax.models import ViTConfig
 from vitjax.stages.context import Context
 from vitjax.stages.kit import (
-    eval_accuracy,
+    evaluate_accuracy,
     load_weights,
     parameter_count,
     save_weights,
     train_model,
+    trained_accuracy,
 )
 
 METHODS = ("dynamicvit", "block", "block+token")
@@ -63,7 +64,7 @@ def _recipe(ctx: Context):
 def _train(ctx: Context, config, out, model, params, **kwargs):
     result = train_model(ctx, config, out, model, what="the compare stage", init_params=params,
                          **kwargs)
-    return jax.device_get(result.params), eval_accuracy(ctx, result)
+    return jax.device_get(result.params), trained_accuracy(ctx, result)
 
 
 def dynamicvit_schedule(ctx: Context, config: ViTConfig, target: float):
@@ -158,16 +159,9 @@ def train_block(ctx: Context, target: float, out) -> dict:
     print(f"[vitjax] compare: block pruning kept heads {list(pruned_config.layer_heads or [])}"
           f", neurons {list(pruned_config.layer_mlp_dims or [])}: {gmacs:.4g} GMACs (target "
           f"{target:.4g})", flush=True)
-    accuracy = {name: _accuracy(ctx, ctx.model(pruned_config), pruned_params, name)
-                for name in ctx.datasets.eval_names}
+    accuracy = evaluate_accuracy(ctx, ctx.model(pruned_config), pruned_params)
     return dict(model=ctx.model(pruned_config), params=pruned_params, accuracy=accuracy,
                 config=pruned_config, gmacs=gmacs)
-
-
-def _accuracy(ctx: Context, model, params, split: str) -> float:
-    from vitjax.evaluate import evaluate
-
-    return float(evaluate(model, params, None, ctx.eval_batches(split)(), ctx.mesh)["accuracy"])
 
 
 def save_result(ctx: Context, method: str, result: dict, out) -> dict:

@@ -15,12 +15,12 @@ from vitjax.errors import UserError
 from vitjax.stages.context import Context
 from vitjax.stages.kit import (
     accuracy_text,
-    eval_accuracy,
     load_weights,
     parameter_count,
     save_weights,
     teacher_loss,
     train_model,
+    trained_accuracy,
 )
 from vitjax.stages.prune import PRUNED_FILE
 
@@ -85,7 +85,7 @@ def train_pruned(ctx: Context, pruned_config, params, config, out, file_name: st
     trained = jax.device_get(result.params)
     if ctx.is_main:
         save_weights(out / file_name, pruned_config, trained, ctx.preprocessing)
-    return result, trained, eval_accuracy(ctx, result), teacher
+    return result, trained, trained_accuracy(ctx, result), teacher
 
 
 def run(ctx: Context) -> dict:

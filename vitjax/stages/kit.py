@@ -5,7 +5,8 @@
   (atomically, with the input normalisation it expects), `parameter_count`;
 - training: `train_model` runs the shared trainer (`vitjax.training.train`) on the configured
   data, evaluation sets and mesh, and turns a preemption into the one-line "rerun to resume";
-  `eval_accuracy` reads the accuracy per evaluation set from its result;
+  `trained_accuracy` reads the accuracy per evaluation set from its result, `evaluate_accuracy`
+  measures it for any model, `accuracy_text` prints it;
 - teachers: `teacher_loss` picks the frozen dense teacher of a distilling stage (the model of
   `config.init.checkpoint`, else the dense supernet) and builds the distillation loss.
 
@@ -96,10 +97,19 @@ def train_model(ctx: Context, config, out: epath.Path, model, *, what: str,
     return result
 
 
-def eval_accuracy(ctx: Context, result: TrainResult, policy: str = "model") -> dict[str, float]:
+def trained_accuracy(ctx: Context, result: TrainResult, policy: str = "model") -> dict[str, float]:
     """Accuracy per evaluation set of a training's last evaluation ('model': the trained model
     itself; a supernet's results also hold its fixed evaluation policies)."""
     return {name: result.metrics[f"eval/{name}/{policy}/accuracy"]
+            for name in ctx.datasets.eval_names}
+
+
+def evaluate_accuracy(ctx: Context, model, params) -> dict[str, float]:
+    """Accuracy of `model` (no masks) per evaluation set of config.data (the one evaluator,
+    `vitjax.evaluate`, on the configured mesh)."""
+    from vitjax.evaluate import evaluate
+
+    return {name: evaluate(model, params, None, ctx.eval_batches(name)(), ctx.mesh)["accuracy"]
             for name in ctx.datasets.eval_names}
 
 

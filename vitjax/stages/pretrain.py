@@ -24,6 +24,7 @@ from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context
 from vitjax.stages.kit import (
     accuracy_text,
     distillation_setup,
+    evaluate_accuracy,
     load_teacher,
     local_copy,
     parameter_count,
@@ -136,7 +137,6 @@ def check_preprocessing(ctx: Context, path: str, loaded) -> None:
 def dense_accuracy(ctx: Context) -> dict[str, float] | None:
     """The starting model's accuracy per evaluation set (None without a checkpoint that fits
     config.model's classes): what compressing it is measured against."""
-    from vitjax.evaluate import evaluate
 
     if not ctx.config.get("init", {}).get("checkpoint"):
         return None
@@ -144,8 +144,7 @@ def dense_accuracy(ctx: Context) -> dict[str, float] | None:
         teacher, params = load_teacher(ctx)
     except UserError:
         return None  # e.g. an ImageNet checkpoint that only initialises a 10-class model
-    return {name: evaluate(teacher, params, None, ctx.eval_batches(name)(), ctx.mesh)["accuracy"]
-            for name in ctx.datasets.eval_names}
+    return evaluate_accuracy(ctx, teacher, params)
 
 
 def run(ctx: Context) -> dict:

@@ -17,7 +17,7 @@ from etils import epath
 from vitjax import workdir as workdir_lib
 from vitjax.errors import UserError
 from vitjax.stages.context import Context
-from vitjax.stages.kit import accuracy_text, parameter_count, save_weights
+from vitjax.stages.kit import accuracy_text, evaluate_accuracy, parameter_count, save_weights
 
 PRUNED_FILE = "pruned.safetensors"
 
@@ -87,7 +87,6 @@ def compare_with_masked(model_config, supernet, masks, pruned_config, pruned_par
 
 
 def run(ctx: Context) -> dict:
-    from vitjax.evaluate import evaluate
     from vitjax.pruning import count_flops, prune_params
     from vitjax.pruning.masks import masks_from_ranks
 
@@ -119,11 +118,7 @@ def run(ctx: Context) -> dict:
             f"this policy ({source}) is wrong, a bug in vitjax to report; nothing was written "
             "and the results of the earlier stages are kept")
 
-    accuracy = {}
-    for name in ctx.datasets.eval_names:
-        result = evaluate(ctx.model(pruned_config), pruned_params, None,
-                          ctx.eval_batches(name)(), ctx.mesh)
-        accuracy[name] = result["accuracy"]
+    accuracy = evaluate_accuracy(ctx, ctx.model(pruned_config), pruned_params)
     dense_gmacs, pruned_gmacs = ctx.dense_gmacs, count_flops(pruned_config).total
     if ctx.is_main:
         save_weights(out / PRUNED_FILE, pruned_config, pruned_params, ctx.preprocessing)
