@@ -103,9 +103,9 @@ def check_target(model_config, target_gmacs: float | None, dense_gmacs: float) -
     from vitjax.pruning.sampling import check_reachable, smallest_gmacs
 
     require(target_gmacs < dense_gmacs,
-             f"FLOPs target {target_gmacs:.4g} GMACs is not below the dense model "
-             f"({dense_gmacs:.4g} GMACs); lower config.target_flops_fraction (or "
-             "train.target_gmacs)")
+            f"FLOPs target {target_gmacs:.4g} GMACs is not below the dense model "
+            f"({dense_gmacs:.4g} GMACs); lower config.target_flops_fraction (or "
+            "train.target_gmacs)")
     smallest = smallest_gmacs(model_config)
     check_reachable(target_gmacs, smallest, of="the supernet can sample",
                     detail=f", {smallest / dense_gmacs:.1%} of dense", error=UserError,

@@ -173,7 +173,7 @@ def save_result(ctx: Context, method: str, result: dict, out) -> dict:
                    weights=str(out / "model.safetensors"))
     if ctx.is_main:
         save_weights(out / "model.safetensors", result["config"], result["params"],
-                   ctx.preprocessing)
+                     ctx.preprocessing)
         if "dynamicvit" in result:
             workdir_lib.write_json(out / DYNAMICVIT_FILE, result["dynamicvit"])
             summary["dynamicvit"] = result["dynamicvit"]
