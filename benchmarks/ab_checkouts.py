@@ -9,7 +9,7 @@
 Each checkout runs in its own process with its own `PYTHONPATH` (the one importing `vitjax`
 from `--base`, the other from `--new`, this checkout by default), the same contender as
 `benchmarks/dense_vs_timm.py` (DeiT, 224px, 1000 classes, float32, AdamW with donated state for
-the step), and the two take turns for --seconds per round (vitjax/export/timing.py). It prints
+the step), and the two take turns for --seconds per round (vitjax/bench/timing.py). It prints
 each round's images/s and the median of per-round new/base ratios: a ratio inside the spread of
 the rounds is no change. `--xla-flags` are added to XLA_FLAGS of the new side only (the base
 keeps the caller's), so one checkout can be timed against itself with and without a compiler flag.
@@ -34,6 +34,24 @@ def checkout(path: str) -> str:
     return path
 
 
+def _this_checkouts_timing():
+    """The timing harness of this script's checkout, whatever checkout `vitjax` is imported
+    from: the worker must speak the parent's protocol, and a base checkout may predate
+    `vitjax.bench` (the harness lived in vitjax/export/ before). It imports only the standard
+    library, so it is loaded from its file and registered under its name."""
+    import importlib.util
+    import types
+
+    path = os.path.join(os.path.dirname(HERE), "vitjax", "bench", "timing.py")
+    spec = importlib.util.spec_from_file_location("vitjax.bench.timing", path)
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    package = sys.modules.setdefault("vitjax.bench", types.ModuleType("vitjax.bench"))
+    package.timing = timing
+    sys.modules["vitjax.bench.timing"] = timing
+    return timing
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="checkout with the code before the change")
@@ -48,11 +66,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
+        timing = _this_checkouts_timing()
         sys.path.insert(0, HERE)
         import dense_vs_timm
 
         import vitjax
-        from vitjax.export import timing
 
         run_once = dense_vs_timm.vitjax_contender(spec["variant"], spec["batch"], spec["what"],
                                                   "dense")
@@ -66,7 +84,7 @@ def main(argv=None) -> int:
     paths = {"base": checkout(args.base), "new": checkout(args.new)}
     if paths["base"] == paths["new"] and args.xla_flags is None:
         parser.error("--base and --new are the same checkout (give --xla-flags to time a flag)")
-    from vitjax.export import timing
+    from vitjax.bench import timing
 
     spec = json.dumps({"variant": args.variant, "batch": args.batch, "what": args.what})
     print(f"DeiT-{args.variant} {args.what}, batch {args.batch}; {timing.load_average()} (before)")

@@ -18,7 +18,7 @@ Sections (all in bfloat16 compute with float32 parameters and optimizer state, u
           with remat ('full') and with remat keeping the matmul outputs ('dots'), from the
           compiled step's memory_analysis().
 
-Contenders run in separate processes and take turns (vitjax/export/timing.py), with
+Contenders run in separate processes and take turns (vitjax/bench/timing.py), with
 XLA_PYTHON_CLIENT_PREALLOCATE=false so that several JAX processes share one GPU. Needs only
 jax, flax, optax, numpy (and torch + timm for the timm rows): nothing imported here or in the
 workers pulls in TensorFlow, clu or ml_collections (tests/test_accelerator.py checks). A failing
@@ -50,7 +50,7 @@ except ImportError:  # run from a clone without `pip install -e .`
 import dense_vs_timm  # noqa: E402
 import pruned_speedup  # noqa: E402
 
-from vitjax.export import timing  # noqa: E402
+from vitjax.bench import timing  # noqa: E402
 from vitjax.models import ViTConfig  # noqa: E402
 from vitjax.pruning import count_flops  # noqa: E402
 

@@ -13,7 +13,7 @@ the dense vitjax step: masks are data, so the masked step should cost within 10%
 
 Every contender runs in its own process (no shared thread pools or allocators; torch and
 TensorFlow never meet in one process) and the contenders take turns, A B A B ..., each for
---seconds per round after its warm-up (see vitjax/export/timing.py). The table reports medians
+--seconds per round after its warm-up (see vitjax/bench/timing.py). The table reports medians
 and, above all, ratios of contenders measured in the same rounds. timm is skipped with a message
 when torch or timm is not installed (`pip install 'vitjax[timm]'`).
 """
@@ -33,7 +33,7 @@ try:
 except ImportError:  # run from a clone without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from vitjax.export import timing  # noqa: E402
+from vitjax.bench import timing  # noqa: E402
 
 TIMM_NAMES = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224",
               "B": "deit_base_patch16_224"}

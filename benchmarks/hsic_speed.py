@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax.bench.timing import seconds_of
 from vitjax.scoring.scores import ScoreConfig, chunk_size, hsic_flops, hsic_scores, output_weights
 
 
@@ -35,14 +35,8 @@ def matmul_rate(size: int = 4096, repeats: int = 3) -> float:
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
     dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
     dot(a, b).block_until_ready()
-    best = min(_timed(lambda: dot(a, b).block_until_ready()) for _ in range(repeats))
+    best = seconds_of(lambda: dot(a, b).block_until_ready(), repeats)
     return 2 * size**3 / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def numpy_literal(features, outputs, sigma=1.0):
@@ -114,7 +108,7 @@ def main():
                 result = hsic_scores(x, config=config, weights=weights)
         result.block_until_ready()
 
-    seconds = min(_timed(score_all) for _ in range(2))
+    seconds = seconds_of(score_all, repeats=2)
     flops = sum(hsic_flops(args.layers * f, B, D) for f, D in shapes.values())
     # Best of before/after: the machine is shared, so take the rate it can reach.
     rate = max(rate_before, matmul_rate())
@@ -134,9 +128,7 @@ def main():
     for name, (f, _) in shapes.items():
         sub = np.asarray(features[name][:n_sub], np.float64)
         for label, fn in (("literal", numpy_literal), ("tuned", numpy_tuned)):
-            start = time.perf_counter()
-            fn(sub, out_np)
-            per_feature = (time.perf_counter() - start) / len(sub)
+            per_feature = seconds_of(lambda fn=fn, sub=sub: fn(sub, out_np)) / len(sub)
             total[label] += per_feature * f * args.layers
     for label, est in total.items():
         print(f"numpy {label:7s} loop (extrapolated from {n_sub} features per shape): "

@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh
 
 from vitjax.data import (
+    MixConfig,
     deit_augment_config,
     digits_data_config,
     folder_data_config,
@@ -54,14 +55,14 @@ def write_jpeg_folder(root: str, count: int = 256, classes: int = 4) -> None:
         )
 
 
-def make_step(model, optimizer, augment, num_classes):
+def make_step(model, optimizer, mix, num_classes):
     def loss_fn(params, images, targets):
         logits, _ = model.apply({"params": params}, images, train=False)
         return optax.softmax_cross_entropy(logits, targets).mean()
 
     @jax.jit
     def step(params, opt_state, batch, rng):
-        images, targets = mix_batch(rng, batch["image"], batch["label"], augment, num_classes)
+        images, targets = mix_batch(rng, batch["image"], batch["label"], mix, num_classes)
         loss, grads = jax.value_and_grad(loss_fn)(params, images, targets)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -85,7 +86,9 @@ def measure(name, data_config, model_config, batch, steps):
     params = init_params(model, jax.random.key(0))
     optimizer = optax.adamw(1e-3, weight_decay=0.05)
     opt_state = optimizer.init(params)
-    step = make_step(model, optimizer, augment, data.num_classes)
+    # DeiT's label smoothing (config.train.label_smoothing of its configs).
+    step = make_step(model, optimizer, MixConfig.from_config(augment, label_smoothing=0.1),
+                     data.num_classes)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))  # Auto axes: the model is not sharding-typed
     device_batch = next(prefetch_to_device(data.train_batches(0), mesh))
     rng = jax.random.key(1)

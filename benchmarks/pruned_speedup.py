@@ -8,7 +8,7 @@
 
 For each model, runtime (XLA float32 via jax.jit, onnxruntime, LiteRT) and batch size, the
 dense model and pruned models at 37% and 60% fewer FLOPs (GMACs) are timed, each in its own
-process, taking turns (dense, pruned, dense, pruned, ...; see vitjax/export/timing.py). Printed
+process, taking turns (dense, pruned, dense, pruned, ...; see vitjax/bench/timing.py). Printed
 per pruned model: the FLOPs ratio (dense / pruned GMACs), the measured speedup (median over
 rounds of pruned / dense images per second) and their quotient (1.0: every FLOP saved turned
 into time saved).
@@ -21,7 +21,7 @@ pruning mostly in shallow layers, token pruning mostly in deep layers; the per-l
 only plotted in the paper, so the shape is reproduced qualitatively), scaled by bisection to the
 FLOPs target. `--shape=uniform` uses equal ratios in every layer instead. `--round=8,16,64`
 adds models whose kept neurons and tokens are rounded to those multiples within the same FLOPs
-budget (vitjax.export.round_policy_to_multiple), timed in the same rounds as the unrounded one.
+budget (vitjax.pruning.round_policy_to_multiple), timed in the same rounds as the unrounded one.
 
 ONNX and TFLite files are built once per configuration into --workdir (reused by later runs;
 --rebuild to redo). TFLite files have a fixed batch size, one file per batch. Timings taken on a
@@ -47,7 +47,7 @@ try:
 except ImportError:  # run from a clone without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from vitjax.export import timing  # noqa: E402
+from vitjax.bench import timing  # noqa: E402
 from vitjax.models import ViTConfig  # noqa: E402
 from vitjax.pruning import Policy, count_flops  # noqa: E402
 
@@ -148,7 +148,7 @@ def dense_config(model: str) -> ViTConfig:
 def variant_policy(config: ViTConfig, variant: Variant) -> Policy:
     policy = shaped_policy(config, variant.reduction, variant.shape)
     if variant.multiple:
-        from vitjax.export import round_policy_to_multiple
+        from vitjax.pruning import round_policy_to_multiple
 
         budget = (1.0 - variant.reduction) * count_flops(config).total
         policy = round_policy_to_multiple(config, policy, variant.multiple, budget)
@@ -194,7 +194,7 @@ def build_artifact(spec: Spec) -> None:
 
 
 def run_worker(spec: Spec) -> None:
-    """--worker: time one contender (see vitjax.export.timing.serve)."""
+    """--worker: time one contender (see vitjax.bench.timing.serve)."""
     images = images_for(spec)
     if spec.runtime == "xla":
         import jax

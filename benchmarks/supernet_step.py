@@ -15,12 +15,14 @@ On CPU, `--devices N` fakes N devices (XLA_FLAGS); on GPU/TPU the real ones are 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
+from step_memory import GIB, mesh_layout, run_parts, step_memory
 
-def _parse():
+ARGS: argparse.Namespace  # set by main(): importing this module parses nothing
+
+
+def _parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("throughput", "memory", "all"), default="all")
     parser.add_argument("--variant", default="Ti/16", help="throughput model, e.g. Ti/16, B/16")
@@ -41,36 +43,28 @@ def _parse():
         "--layouts", default="data=8;data=4,model=2;data=8,fsdp;data=4,model=2,fsdp",
         help="mesh layouts for the memory part, ';'-separated",
     )
-    return parser.parse_args()
-
-
-ARGS = _parse()
-if "cpu" in os.environ.get("JAX_PLATFORMS", "cpu"):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_force_host_platform_device_count={ARGS.devices}"
-    )
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vitjax.models import ViT, ViTConfig  # noqa: E402
-from vitjax.parallel import batch_sharding, local_to_global, make_mesh, replicated  # noqa: E402
-from vitjax.training import default_train_config  # noqa: E402
-from vitjax.training.supernet import PolicySampler  # noqa: E402
-from vitjax.training.train import Trainer  # noqa: E402
-
-GIB = 2**30
+    return parser.parse_args(argv)
 
 
 def _train_config(supernet: bool, token_mode: str):
+    from vitjax.training import default_train_config
+
     cfg = default_train_config()
     cfg.update(steps=1000, warmup_steps=10, sample_policies=supernet, token_mode=token_mode)
     return cfg
 
 
 def throughput():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vitjax.bench.timing import alternate_rounds
+    from vitjax.models import ViT, ViTConfig
+    from vitjax.parallel import local_to_global, make_mesh
+    from vitjax.training.supernet import PolicySampler
+    from vitjax.training.train import Trainer
+
     dtype = jnp.dtype(ARGS.dtype)
     config = ViTConfig.from_variant(ARGS.variant, num_classes=1000, image_size=ARGS.image_size)
     mesh = make_mesh({"data": 1, "model": 1})  # one device: the same device for both steps
@@ -109,10 +103,8 @@ def throughput():
 
     # Alternate the two so that load from other processes hits both alike; the median of the
     # per-repetition ratios cancels most of the remaining noise.
-    times = {"dense": [], "supernet": []}
-    for _ in range(ARGS.repeats):
-        for name in times:
-            times[name].append(timed_block(name))
+    times = alternate_rounds({name: lambda name=name: timed_block(name)
+                              for name in ("dense", "supernet")}, ARGS.repeats)
     for name, samples in times.items():
         seconds = float(np.median(samples))
         print(f"{name:9s} step: {seconds * 1e3:9.1f} ms  ({batch / seconds:8.1f} img/s)")
@@ -125,15 +117,14 @@ def throughput():
     )
 
 
-def _layout(text: str) -> dict:
-    out = {"data": -1, "model": 1, "fsdp": False, "fsdp_min_size": 2**18}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        out[key.strip()] = True if not value else int(value)
-    return out
-
-
 def memory():
+    import jax
+    import jax.numpy as jnp
+
+    from vitjax.models import ViT, ViTConfig
+    from vitjax.parallel import make_mesh
+    from vitjax.training.train import Trainer
+
     config = ViTConfig.from_variant(ARGS.memory_variant, num_classes=1000, image_size=224)
     batch = ARGS.memory_batch
     print(
@@ -144,7 +135,7 @@ def memory():
     )
     print(f"{'layout':24s} {'dtype':9s} {'args':>9s} {'temp':>9s} {'total':>9s}  fits 16 GiB")
     for layout_text in ARGS.layouts.split(";"):
-        layout = _layout(layout_text)
+        layout = mesh_layout(layout_text)
         mesh = make_mesh(layout)
         for dtype in (jnp.float32, jnp.bfloat16):
             trainer = Trainer(
@@ -152,33 +143,20 @@ def memory():
                 _train_config(True, "attention"),
                 mesh, layout,
             )
-            images = jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32,
-                                          sharding=batch_sharding(mesh))
-            labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh))
-            keep = {
-                k: jax.ShapeDtypeStruct((1, config.depth), jnp.int32, sharding=replicated(mesh))
-                for k in ("head", "neuron", "token")
-            }
-            compiled = trainer.train_step.lower(
-                trainer.abstract_state, images, labels, keep
-            ).compile()
-            stats = compiled.memory_analysis()
-            args = stats.argument_size_in_bytes
-            # Donated state: outputs reuse the argument buffers (alias_size), not counted twice.
-            total = args + stats.output_size_in_bytes - stats.alias_size_in_bytes
-            total += stats.temp_size_in_bytes
+            args, temp, total = step_memory(trainer, batch)
             print(
                 f"{layout_text:24s} {jnp.dtype(dtype).name:9s} {args / GIB:8.2f}G "
-                f"{stats.temp_size_in_bytes / GIB:8.2f}G {total / GIB:8.2f}G  "
+                f"{temp / GIB:8.2f}G {total / GIB:8.2f}G  "
                 f"{'yes' if total < 16 * GIB else 'NO'}",
                 flush=True,
             )
 
 
+def main(argv=None) -> None:
+    global ARGS
+    ARGS = _parse(argv)
+    run_parts(ARGS, {"throughput": throughput, "memory": memory})
+
+
 if __name__ == "__main__":
-    print(f"jax {jax.__version__}, {jax.device_count()} devices ({jax.devices()[0].platform})")
-    if ARGS.part in ("throughput", "all"):
-        throughput()
-    if ARGS.part in ("memory", "all"):
-        memory()
-    sys.stdout.flush()
+    main()

@@ -17,13 +17,15 @@ On CPU, `--devices N` fakes N devices (XLA_FLAGS); on GPU/TPU the real ones are 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
+from step_memory import GIB, mesh_layout, run_parts, step_memory
 
-def _parse():
+ARGS: argparse.Namespace  # set by main(): importing this module parses nothing
+
+
+def _parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("time", "memory", "all"), default="all")
     parser.add_argument("--devices", type=int, default=8, help="fake CPU devices (CPU only)")
@@ -35,38 +37,28 @@ def _parse():
     parser.add_argument("--batch", type=int, default=128, help="time part: global batch")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="alternating timed blocks")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-ARGS = _parse()
-if "cpu" in os.environ.get("JAX_PLATFORMS", "cpu"):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={ARGS.devices}")
+def _train_config(config):
+    from vitjax.pruning import count_flops
+    from vitjax.training import default_train_config
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vitjax.models import ViT, ViTConfig, init_params  # noqa: E402
-from vitjax.parallel import batch_sharding, local_to_global, make_mesh, replicated  # noqa: E402
-from vitjax.pruning import count_flops  # noqa: E402
-from vitjax.training import default_train_config  # noqa: E402
-from vitjax.training.losses import distillation_loss  # noqa: E402
-from vitjax.training.supernet import PolicySampler  # noqa: E402
-from vitjax.training.train import Trainer  # noqa: E402
-
-GIB = 2**30
-
-
-def _train_config(config: ViTConfig):
     c = default_train_config()
     c.update(steps=1000, warmup_steps=10, target_gmacs=0.6 * count_flops(config).total,
              target_tol=0.2, drop_path=0.0)
     return c
 
 
-def _trainers(model: ViT, mesh, layout: dict):
+def _trainers(model, mesh, layout: dict):
     """(without teacher, with teacher): the same student, the teacher = the dense model."""
+    import jax
+    import numpy as np
+
+    from vitjax.models import init_params
+    from vitjax.training.losses import distillation_loss
+    from vitjax.training.train import Trainer
+
     config = model.config
     teacher_params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     teacher_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), teacher_params)
@@ -76,15 +68,13 @@ def _trainers(model: ViT, mesh, layout: dict):
     return plain, taught
 
 
-def _layout(text: str) -> dict:
-    out = {"data": -1, "model": 1, "fsdp": False, "fsdp_min_size": 2**18}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        out[key.strip()] = True if not value else int(value)
-    return out
-
-
 def memory():
+    import jax
+    import jax.numpy as jnp
+
+    from vitjax.models import ViT, ViTConfig
+    from vitjax.parallel import make_mesh
+
     config = ViTConfig.from_variant(ARGS.memory_variant, num_classes=1000, image_size=224)
     batch = ARGS.memory_batch
     print(f"\n{ARGS.memory_variant} supernet train step, bfloat16 compute, global batch {batch}, "
@@ -92,30 +82,28 @@ def memory():
           "compiled.memory_analysis()")
     print(f"{'layout':20s} {'teacher':8s} {'args':>9s} {'temp':>9s} {'total':>9s}")
     for text in ARGS.layouts.split(";"):
-        layout = _layout(text)
+        layout = mesh_layout(text)
         mesh = make_mesh(layout)
         totals = {}
         for name, trainer in zip(("no", "yes"), _trainers(ViT(config, dtype=jnp.bfloat16),
                                                             mesh, layout), strict=True):
-            images = jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32,
-                                          sharding=batch_sharding(mesh))
-            labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh))
-            keep = {k: jax.ShapeDtypeStruct((1, config.depth), jnp.int32,
-                                            sharding=replicated(mesh))
-                    for k in ("head", "neuron", "token")}
-            stats = trainer.train_step.lower(trainer.abstract_state, images, labels,
-                                             keep).compile().memory_analysis()
-            args = stats.argument_size_in_bytes
-            total = (args + stats.output_size_in_bytes - stats.alias_size_in_bytes
-                     + stats.temp_size_in_bytes)
+            args, temp, total = step_memory(trainer, batch)
             totals[name] = total
-            print(f"{text:20s} {name:8s} {args / GIB:8.3f}G {stats.temp_size_in_bytes / GIB:8.3f}G "
+            print(f"{text:20s} {name:8s} {args / GIB:8.3f}G {temp / GIB:8.3f}G "
                   f"{total / GIB:8.3f}G", flush=True)
         print(f"{text:20s} teacher adds {(totals['yes'] - totals['no']) / GIB:.3f} GiB per device "
               f"({totals['yes'] / totals['no'] - 1:+.1%})", flush=True)
 
 
 def time_ratio():
+    import jax
+    import numpy as np
+
+    from vitjax.bench.timing import alternate_rounds
+    from vitjax.models import ViT, ViTConfig
+    from vitjax.parallel import local_to_global, make_mesh, replicated
+    from vitjax.training.supernet import PolicySampler
+
     if ARGS.variant:
         config = ViTConfig.from_variant(ARGS.variant, num_classes=1000, image_size=224)
     else:  # configs/digits.py's model
@@ -147,10 +135,8 @@ def time_ratio():
 
     for name in states:  # compile and warm up
         block(name)
-    seconds = {"no": [], "yes": []}
-    for _ in range(ARGS.repeats):
-        for name in states:
-            seconds[name].append(block(name))
+    seconds = alternate_rounds({name: lambda name=name: block(name) for name in states},
+                               ARGS.repeats)
     ratios = [b / a for a, b in zip(seconds["no"], seconds["yes"], strict=True)]
     print(f"\nsupernet step of {'digits ViT' if not ARGS.variant else ARGS.variant} "
           f"({config.image_size}px, global batch {ARGS.batch}, {jax.device_count()} "
@@ -161,10 +147,11 @@ def time_ratio():
           f"{ARGS.steps} steps)")
 
 
+def main(argv=None) -> None:
+    global ARGS
+    ARGS = _parse(argv)
+    run_parts(ARGS, {"time": time_ratio, "memory": memory})
+
+
 if __name__ == "__main__":
-    print(f"jax {jax.__version__}, {jax.device_count()} devices ({jax.devices()[0].platform})")
-    if ARGS.part in ("time", "all"):
-        time_ratio()
-    if ARGS.part in ("memory", "all"):
-        memory()
-    sys.stdout.flush()
+    main()

@@ -52,7 +52,7 @@ sys.path.insert(0, "benchmarks")
 import accelerator  # noqa: F401
 # What the workers import lazily.
 for name in ("vitjax.models.vit", "vitjax.pruning.prune", "vitjax.scoring", "dense_vs_timm",
-             "pruned_speedup", "vitjax.export.timing"):
+             "pruned_speedup", "vitjax.bench.timing"):
     importlib.import_module(name)
 try:
     import vitjax.training  # imports clu, hence TensorFlow: the blocker must stop it

@@ -24,11 +24,10 @@ from vitjax.export import (
     jax_export,
     onnx,
     rewrite,
-    round_policy_to_multiple,
     tflite,
 )
 from vitjax.models import ViT, ViTConfig, init_params
-from vitjax.pruning import Policy, count_flops, identity_ranks
+from vitjax.pruning import Policy, count_flops, identity_ranks, round_policy_to_multiple
 from vitjax.pruning.prune import prune_params
 
 BATCHES = (1, 8)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from vitjax.export import profile_forward
+from vitjax.bench import profile_forward
 
 
 def test_step_trace_attributes_forward_and_backward_ops(capsys):

@@ -17,7 +17,7 @@ from sklearn.gaussian_process.kernels import RBF, ConstantKernel, Matern, WhiteK
 from vitjax.errors import UserError
 from vitjax.models import ViTConfig
 from vitjax.pruning import Policy, count_flops, count_flops_batch
-from vitjax.pruning.policy import calibrated_space, sample_policy
+from vitjax.pruning.sampling import calibrated_space, sample_policy
 from vitjax.search import (
     AcquisitionSettings,
     GPParams,

@@ -6,7 +6,7 @@ from test_stages import load_config, tiny_digits
 
 from vitjax.errors import UserError
 from vitjax.interop import load_native
-from vitjax.study import _criteria_margin, _speed_rows, evaluate_claims, run_study
+from vitjax.stages.study import _criteria_margin, _speed_rows, evaluate_claims, run_study
 from vitjax.workdir import read_json
 
 

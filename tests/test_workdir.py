@@ -154,18 +154,18 @@ def test_search_log_header_refuses_another_supernet_or_objective(tmp_path):
 
 
 def test_unfinished_pretraining_is_not_resumed_with_another_seed(tmp_path, monkeypatch):
-    from vitjax.stages import pretrain
+    from vitjax.training import StepBatches
 
     config = tiny_digits()
     config.stages = "pretrain"
-    original = pretrain.StepBatches.__call__
+    original = StepBatches.__call__
 
     def killed_at_step_3(self, step):
         if step == 3:
             raise KeyboardInterrupt
         return original(self, step)
 
-    monkeypatch.setattr(pretrain.StepBatches, "__call__", killed_at_step_3)
+    monkeypatch.setattr(StepBatches, "__call__", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         runner.run_pipeline(config, tmp_path)
     monkeypatch.undo()

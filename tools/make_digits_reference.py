@@ -77,8 +77,7 @@ def main(argv=None) -> int:
 
     from vitjax.interop import load_timm, save_timm
     from vitjax.stages.context import Context
-    from vitjax.stages.pretrain import StepBatches
-    from vitjax.training import train
+    from vitjax.training import StepBatches, train
 
     config = reference_config(args.steps, args.lr, args.seed)
     config.train.resume_overrides = args.resume_overrides

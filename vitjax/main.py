@@ -47,7 +47,7 @@ def main(argv):
         raise app.UsageError("--workdir is required (or set config.workdir)")
     try:
         if config.get("study") is not None:
-            from vitjax.study import run_study
+            from vitjax.stages.study import run_study
 
             run_study(config, workdir)
         else:

@@ -1,8 +1,5 @@
-"""Writing results into a workdir: the one way vitjax writes files (etils.epath).
-
-Local folders and cloud buckets (gs://...) alike. Every writer is atomic: it writes a temporary
-sibling and renames it, so a killed run never leaves a half-written result that a rerun would
-take for a finished one.
+"""Writing results into a workdir: JSON, CSV, npz and PNG on top of `vitjax.fileio`'s atomic
+writer (the one way vitjax writes a file), to local folders and cloud buckets (gs://...) alike.
 """
 
 from __future__ import annotations
@@ -18,24 +15,12 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from vitjax.fileio import write_bytes, write_text
+
 PathLike = str | epath.PathLike
 
-
-def _tmp(path: epath.Path) -> epath.Path:
-    return path.parent / f".{path.name}.tmp"
-
-
-def write_bytes(path: PathLike, data: bytes) -> epath.Path:
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
-
-
-def write_text(path: PathLike, text: str) -> epath.Path:
-    return write_bytes(path, text.encode())
+__all__ = ["write_bytes", "write_text", "write_json", "read_json", "file_digest", "write_csv",
+           "write_npz", "read_npz", "save_figure", "save_plot", "pyplot"]
 
 
 def _json_default(value):
@@ -98,6 +83,16 @@ def save_figure(figure, path: PathLike, dpi: int = 120) -> epath.Path:
     figure.savefig(buffer, format="png", dpi=dpi)
     plt.close(figure)
     return write_bytes(path, buffer.getvalue())
+
+
+def save_plot(figure, axes, path: PathLike, xlabel: str, ylabel: str) -> epath.Path:
+    """The house style of every line plot (labels, light grid, small legend), saved as PNG."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
 
 
 def pyplot():

@@ -35,6 +35,7 @@ import uuid
 
 from etils import epath
 
+from vitjax import fileio
 from vitjax.errors import UserError
 
 LOCK_FILE = "LOCK.json"
@@ -204,10 +205,8 @@ class WorkdirLock:
                           "run; two runs may now write this workdir", flush=True)
                     return
                 self.record["heartbeat"] = time.time()
-                tmp = self.path.parent / f".{LOCK_FILE}.{self.token}.tmp"
                 with contextlib.suppress(OSError):
-                    tmp.write_text(self._text())
-                    tmp.replace(self.path)
+                    fileio.write_text(self.path, self._text())
 
         self._thread = threading.Thread(target=beat, name="vitjax-workdir-lock", daemon=True)
         self._thread.start()

@@ -30,7 +30,7 @@ Two modes (`MovementConfig.mode`):
       the TopKBinarizer works per weight matrix), with p following the cubic schedule from 1 to
       `final_keep` (Zhu & Gupta; Sanh et al.'s `schedule_threshold`).
 
-The training loss is a `vitjax.training.steps.LossFn` over params {'vit', 'scores'}; 'topk' needs
+The training loss is a `vitjax.training.losses.LossFn` over params {'vit', 'scores'}; 'topk' needs
 the step number, which `LossFn` does not receive: it reads it from the state's `frozen` tree
 (`movement_frozen(step)`, refreshed by the caller's loop before each step).
 
@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from vitjax.models.config import ViTConfig
 from vitjax.models.vit import Masks, ViT
@@ -56,10 +55,11 @@ from vitjax.pruning.flops import count_flops
 from vitjax.pruning.masks import Ranks, ranks_from_scores
 from vitjax.pruning.policy import KeepCounts, Policy
 from vitjax.pruning.prune import prune_params
+from vitjax.pruning.sampling import check_reachable
 
 if TYPE_CHECKING:
     # Only the type: importing vitjax.training loads the trainer and TensorFlow (via clu).
-    from vitjax.training.steps import LossFn
+    from vitjax.training.losses import LossFn
 
 Scores = dict[str, jax.Array]  # {'head': [L, H], 'neuron': [L, F / neuron_block]}
 
@@ -258,7 +258,7 @@ def _schedule_step(frozen) -> jax.Array:
 
 
 def movement_loss(model: ViT, mcfg: MovementConfig) -> LossFn:
-    """Cross-entropy of `model` on batch['target'] (soft targets, as `classification_loss`)
+    """Cross-entropy of `model` on batch['target'] (soft targets, `vitjax.training.losses`)
     under the learned masks, plus reg_weight * `l1_regularizer` in 'soft' mode.
 
     params: {'vit': ViT parameters, 'scores': see `movement_init_fn`}. frozen: None ('soft') or
@@ -267,6 +267,8 @@ def movement_loss(model: ViT, mcfg: MovementConfig) -> LossFn:
     kept_neurons (fractions kept in the forward pass), regularizer ('soft') or keep_fraction
     ('topk').
     """
+
+    from vitjax.training.losses import accuracy, cross_entropy
 
     def loss_fn(params, frozen, batch, masks, rng):
         if masks is not None:
@@ -279,9 +281,9 @@ def movement_loss(model: ViT, mcfg: MovementConfig) -> LossFn:
         learned = movement_masks(scores, mcfg, step)
         logits, _ = model.apply({"params": params["vit"]}, batch["image"], masks=learned,
                                 train=True, rngs={"dropout": rng})
-        loss = optax.softmax_cross_entropy(logits, batch["target"]).mean()
+        loss = cross_entropy(logits, batch["target"])
         metrics = {
-            "accuracy": (jnp.argmax(logits, axis=-1) == batch["label"]).mean(),
+            "accuracy": accuracy(logits, batch["label"]),
             "kept_heads": learned.head.mean(),
             "kept_neurons": learned.neuron.mean(),
         }
@@ -401,13 +403,10 @@ def threshold_to_budget(
         policy = policy_from_keep_counts(vit_config, keep_first(count))
         return count_flops(vit_config, policy).total
 
-    smallest = gmacs(0)
-    if target_gmacs < smallest:
-        raise ValueError(
-            f"target {target_gmacs:.6g} GMACs is below the smallest model ({smallest:.6g} GMACs "
-            "with every head and neuron removed: patch embedding, classifier"
-            + (" and the given token counts)" if token_keep is not None else ")")
-        )
+    check_reachable(target_gmacs, gmacs(0),
+                    detail=" with every head and neuron removed: patch embedding, classifier"
+                    + (" and the given token counts" if token_keep is not None else ""),
+                    fix="raise the target")
     # Every block costs MACs, so the cost grows strictly along the order: binary search for the
     # longest prefix within budget.
     low, high = 0, len(order)

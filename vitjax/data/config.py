@@ -62,6 +62,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             seed=0,  # shuffling, hold-out choice and per-example augmentation
             shuffle_buffer=16_384,  # TFDS only; index-based sources shuffle exactly
             cache_eval=True,  # keep preprocessed hold-out/eval images in host memory
+            # An evaluation set whose float32 images fit in this many MiB is also kept on the
+            # host after its first pass by the stages (searches make hundreds of passes).
+            cache_eval_mb=256,
             # digits only
             test_fraction=0.2,
             num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
@@ -163,7 +166,7 @@ def deit_augment_config(**overrides) -> ml_collections.ConfigDict:
             cutmix=1.0,  # Beta alpha; 0 disables
             mix_prob=1.0,  # probability that a batch is mixed at all
             switch_prob=0.5,  # cutmix vs mixup when both are on
-            label_smoothing=0.1,
+            # (label smoothing is the loss's: config.train.label_smoothing)
         )
     )
     config.update(overrides)
@@ -179,7 +182,6 @@ def light_augment_config(**overrides) -> ml_collections.ConfigDict:
         random_erasing=0.0,
         mixup=0.0,
         cutmix=0.0,
-        label_smoothing=0.1,
     )
     config.update(overrides)
     return config
@@ -194,5 +196,4 @@ def no_augment_config() -> ml_collections.ConfigDict:
         random_erasing=0.0,
         mixup=0.0,
         cutmix=0.0,
-        label_smoothing=0.0,
     )

@@ -1,4 +1,5 @@
-"""Mixup, CutMix and label smoothing on device, in JAX (timm's `Mixup`, mode='batch').
+"""Mixup, CutMix and label smoothing on device, in JAX (timm's `Mixup`, mode='batch'): the one
+place a batch's targets are made (`mix_batch`, which the train step calls).
 
 These run inside the jitted train step on the global batch, so they cost no host time and are
 deterministic given the step's PRNG key. As in DeiT, `mixup_alpha=0.8` and `cutmix_alpha=1.0`
@@ -7,8 +8,33 @@ are Beta-distribution concentrations; the partner of image i is image B-1-i (the
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class MixConfig:
+    """Mixup/CutMix and label smoothing (static, hashable: part of the jitted step's config);
+    alphas 0 disable mixing, and the targets are then only smoothed."""
+
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_config(cls, augment, label_smoothing: float = 0.0) -> MixConfig:
+        """From `config.augment` (mixup, cutmix, mix_prob, switch_prob; None: no mixing) and
+        the loss's `config.train.label_smoothing`."""
+        augment = augment or {}
+        return cls(mixup=float(augment.get("mixup", 0.0)),
+                   cutmix=float(augment.get("cutmix", 0.0)),
+                   prob=float(augment.get("mix_prob", 1.0)),
+                   switch_prob=float(augment.get("switch_prob", 0.5)),
+                   label_smoothing=float(label_smoothing))
 
 
 def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
@@ -91,16 +117,8 @@ def mixup_cutmix(
     return mixed, mixed_targets
 
 
-def mix_batch(rng, images, labels, augment_config, num_classes: int):
-    """`mixup_cutmix` with the fields of `config.augment` (mixup, cutmix, mix_prob, ...)."""
-    return mixup_cutmix(
-        rng,
-        images,
-        labels,
-        num_classes=num_classes,
-        mixup_alpha=float(augment_config.get("mixup", 0.0)),
-        cutmix_alpha=float(augment_config.get("cutmix", 0.0)),
-        prob=float(augment_config.get("mix_prob", 1.0)),
-        switch_prob=float(augment_config.get("switch_prob", 0.5)),
-        label_smoothing=float(augment_config.get("label_smoothing", 0.0)),
-    )
+def mix_batch(rng, images, labels, mix: MixConfig, num_classes: int):
+    """(images, soft targets [B, C]): `mixup_cutmix` with the settings of `mix`."""
+    return mixup_cutmix(rng, images, labels, num_classes=num_classes, mixup_alpha=mix.mixup,
+                        cutmix_alpha=mix.cutmix, prob=mix.prob, switch_prob=mix.switch_prob,
+                        label_smoothing=mix.label_smoothing)

@@ -1,11 +1,12 @@
 """`make_datasets`: the one entry point from a config to train / hold-out / test batches.
 
-    from vitjax.data import make_datasets, prefetch_to_device, mix_batch
+    from vitjax.data import MixConfig, make_datasets, prefetch_to_device, mix_batch
     data = make_datasets(config.data, config.augment, global_batch_size=1024)
+    mix = MixConfig.from_config(config.augment, config.train.label_smoothing)
     for step, batch in zip(range(start, total), prefetch_to_device(
             data.train_batches(start_step=start), mesh)):
         images, targets = mix_batch(jax.random.fold_in(key, step), batch['image'],
-                                    batch['label'], config.augment, data.num_classes)  # in jit
+                                    batch['label'], mix, data.num_classes)  # in jit
     for batch in data.eval_batches('holdout'): ...   # batch['mask'] marks padding rows
 
 Determinism. Batch `s` of a process is a pure function of (config.data.seed, s, process_index,

@@ -1,8 +1,9 @@
-"""Which examples each process reads, and how local batches become global jax.Arrays.
+"""Which examples each process reads, and feeding its batches to the devices.
 
-Every process runs the same input pipeline on its own slice of the data and produces a local
-batch of `global_batch // process_count` examples; `global_batch` stitches the local batches of
-all processes into one array sharded over the mesh's 'data' axis. A small background thread
+Every process runs the same input pipeline on its own slice of the data (`process_slice`) and
+produces a local batch of `global_batch // process_count` examples (`local_batch_size`);
+`vitjax.parallel.batch_to_global` stitches the local batches of all processes into arrays
+sharded over the mesh's 'data' axis (the one home of shardings). A small background thread
 (`prefetch_to_device`) keeps the next batches already transferred while the step runs.
 """
 
@@ -12,11 +13,10 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 
-import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from vitjax.errors import UserError
+from vitjax.parallel.mesh import batch_to_global
 
 
 def process_slice(
@@ -52,27 +52,12 @@ def local_batch_size(
     return global_batch_size // process_count
 
 
-def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
-    """Leading (batch) dimension split over `axis`, everything else replicated."""
-    return NamedSharding(mesh, PartitionSpec(axis))
-
-
-def global_batch(local_batch: dict, mesh: Mesh, axis: str = "data") -> dict:
-    """Local numpy batch (this process's rows) -> global jax.Arrays sharded on `axis`."""
-    sharding = batch_sharding(mesh, axis)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
-    )
-
-
 class _Stop:
     pass
 
 
-def prefetch_to_device(
-    batches: Iterable[dict], mesh: Mesh, size: int = 2, axis: str = "data"
-) -> Iterator[dict]:
-    """Yields `global_batch(b, mesh)` for each b, with up to `size` batches in flight.
+def prefetch_to_device(batches: Iterable[dict], mesh: Mesh, size: int = 2) -> Iterator[dict]:
+    """Yields `batch_to_global(b, mesh)` for each b, with up to `size` batches in flight.
 
     The transfers are started by a daemon thread (jax dispatch is thread-safe), so host-to-device
     copies overlap the train step. Errors of the producer are re-raised in the consumer.
@@ -83,7 +68,7 @@ def prefetch_to_device(
     def produce():
         try:
             for batch in batches:
-                item = global_batch(batch, mesh, axis)
+                item = batch_to_global(batch, mesh)
                 while not stop.is_set():
                     try:
                         buffer.put(item, timeout=0.1)

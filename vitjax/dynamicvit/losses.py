@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from vitjax.dynamicvit.model import DynamicViT
 from vitjax.models.vit import ViT
 
 if TYPE_CHECKING:  # the trainer's module pulls in the whole training stack
-    from vitjax.training.steps import LossFn
+    from vitjax.training.losses import LossFn
 
 Array = jax.Array
 
@@ -95,7 +94,7 @@ def dynamicvit_loss(
             f"student {(student_cfg.num_patches, student_cfg.embed_dim, student_cfg.num_classes)}"
         )
     ratios = model.dyn.ratios
-    from vitjax.training.losses import logit_distillation
+    from vitjax.training.losses import accuracy, cross_entropy, logit_distillation
 
     def loss_fn(params, frozen, batch, masks, rng):
         if masks is not None:
@@ -105,7 +104,7 @@ def dynamicvit_loss(
         logits, aux = model.apply({"params": params}, batch["image"], train=True,
                                   rngs={"gumbel": gumbel_key, "dropout": dropout_key})
         teacher_logits, teacher_tokens = teacher_outputs(teacher, frozen, batch["image"])
-        cls_loss = optax.softmax_cross_entropy(logits, batch["target"]).mean()
+        cls_loss = cross_entropy(logits, batch["target"])
         keep_loss = ratio_loss(aux["decisions"], ratios)
         distill = logit_distillation(logits, teacher_logits, temperature)
         token_distill = token_distillation_loss(aux["features"], teacher_tokens,
@@ -113,7 +112,7 @@ def dynamicvit_loss(
         loss = (cls_loss + ratio_weight * keep_loss + distill_weight * distill
                 + token_distill_weight * token_distill)
         metrics = {
-            "accuracy": (jnp.argmax(logits, axis=-1) == batch["label"]).mean(),
+            "accuracy": accuracy(logits, batch["label"]),
             "cls_loss": cls_loss, "ratio_loss": keep_loss, "distill": distill,
             "token_distill": token_distill,
         }

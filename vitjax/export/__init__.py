@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from vitjax.errors import UserError
 from vitjax.export.jax_export import export_jax, load_and_run, load_exported
 from vitjax.export.onnx import export_onnx, onnx_session, run_onnx
-from vitjax.export.rounding import round_policy_to_multiple
 from vitjax.export.tflite import export_tflite, run_tflite, tflite_interpreter
 from vitjax.export.verify import DEFAULT_TOLERANCE, max_abs_diff, reference_logits
 
@@ -112,5 +111,4 @@ __all__ = [
     "FORMATS", "ExportMismatchError", "export_all", "export_jax", "load_exported",
     "load_and_run", "export_onnx", "onnx_session", "run_onnx", "export_tflite",
     "tflite_interpreter", "run_tflite", "reference_logits", "max_abs_diff",
-    "round_policy_to_multiple",
 ]

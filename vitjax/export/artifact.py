@@ -1,4 +1,5 @@
-"""What every exporter shares: the inference function of a model, atomic writes, missing extras.
+"""What every exporter shares: the inference function of a model, missing extras (files are
+written by `vitjax.fileio`).
 
 Nothing heavy is imported at module level: `import vitjax.export` must stay cheap for users who
 never export.
@@ -6,7 +7,6 @@ never export.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,22 +44,3 @@ def image_shape(model) -> tuple[int, int, int]:
     return (cfg.image_size, cfg.image_size, cfg.in_chans)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` under `path` (local or gs://...) so that the file appears only complete."""
-    from etils import epath
-
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def read_bytes(path: str | os.PathLike) -> bytes:
-    from etils import epath
-
-    return epath.Path(path).read_bytes()

@@ -40,12 +40,13 @@ def export_jax(
     import jax.numpy as jnp
     from jax import export
 
-    from vitjax.export.artifact import image_shape, inference_fn, write_bytes_atomic
+    from vitjax.export.artifact import image_shape, inference_fn
+    from vitjax.fileio import write_bytes
 
     batch_dims = export.symbolic_shape(batch) if isinstance(batch, str) else (int(batch),)
     spec = jax.ShapeDtypeStruct((*batch_dims, *image_shape(model)), jnp.float32)
     exported = export.export(jax.jit(inference_fn(model, params)), platforms=platforms)(spec)
-    write_bytes_atomic(path, exported.serialize())
+    write_bytes(path, exported.serialize())
     return exported
 
 

@@ -15,13 +15,8 @@ import os
 
 import numpy as np
 
-from vitjax.export.artifact import (
-    image_shape,
-    inference_fn,
-    missing_extra,
-    read_bytes,
-    write_bytes_atomic,
-)
+from vitjax.export.artifact import image_shape, inference_fn, missing_extra
+from vitjax.fileio import read_bytes, write_bytes
 
 SUFFIX = ".onnx"
 INPUT_NAME = "images"
@@ -84,7 +79,7 @@ def export_onnx(
         )
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()  # DeiT-B is 0.35 GB, well inside protobuf's 2 GB
-    write_bytes_atomic(path, data)
+    write_bytes(path, data)
     return len(data)
 
 

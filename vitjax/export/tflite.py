@@ -30,13 +30,8 @@ import tempfile
 
 import numpy as np
 
-from vitjax.export.artifact import (
-    image_shape,
-    inference_fn,
-    missing_extra,
-    read_bytes,
-    write_bytes_atomic,
-)
+from vitjax.export.artifact import image_shape, inference_fn, missing_extra
+from vitjax.fileio import read_bytes, write_bytes
 
 SUFFIX = ".tflite"
 
@@ -135,7 +130,7 @@ def export_tflite(model, params, path: str | os.PathLike, *, batch: int = 1) -> 
         tf.saved_model.save(module, saved_model, signatures=serve.get_concrete_function())
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         data = converter.convert()
-    write_bytes_atomic(path, data)
+    write_bytes(path, data)
     return len(data)
 
 

@@ -6,13 +6,14 @@ float32), so the converters never see torch. torch is imported only to read or w
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vitjax.fileio import atomic_path
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -144,28 +145,6 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     return unwrap_state_dict(raw)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to `path` that replaces it only if the block succeeds.
-
-    A crash or error mid-write never leaves a half-written file under the final name.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the real extension last: some writers (np.savez) append one otherwise.
-    temp = final.with_name(f".{final.stem}.tmp{os.getpid()}{final.suffix}")
-    try:
-        yield temp
-        # Some writers (safetensors) create files 0600; give it the mode the user's umask sets.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, final)
-    finally:
-        if temp.exists():
-            temp.unlink()
-
-
 def write_arrays(
     path: str | os.PathLike,
     arrays: Mapping[str, np.ndarray],
@@ -176,10 +155,11 @@ def write_arrays(
     `metadata` goes into the safetensors header, or into the .npz as `__metadata__<key>` string
     entries; a torch pickle cannot carry it.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
+    # Not pathlib: it would fold a bucket's "gs://" into "gs:/".
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
     arrays = {name: np.ascontiguousarray(value) for name, value in arrays.items()}
-    writer: Callable[[Path], None]
+    writer: Callable[[str], None]
     if suffix == SAFETENSORS_SUFFIX:
         from safetensors.numpy import save_file
 
@@ -188,7 +168,7 @@ def write_arrays(
         extra = {f"__metadata__{k}": np.asarray(v) for k, v in (metadata or {}).items()}
         writer = lambda temp: np.savez(temp, **arrays, **extra)
     elif suffix in TORCH_SUFFIXES:
-        torch = import_torch(f"writing {path.name}")
+        torch = import_torch(f"writing {os.path.basename(path)}")
         # Copies: arrays viewed from jax buffers are read-only, which torch warns about.
         tensors = {name: torch.from_numpy(np.array(value)) for name, value in arrays.items()}
         writer = lambda temp: torch.save(tensors, str(temp))

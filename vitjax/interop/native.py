@@ -30,26 +30,19 @@ _NPZ_META = "__metadata__"
 NATIVE_SUFFIXES = (files.SAFETENSORS_SUFFIX, files.NPZ_SUFFIX)
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for name, value in params.items():
-        path = f"{prefix}{name}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, f"{path}/"))
-        else:
-            flat[path] = np.asarray(value)
-    return flat
+def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """{'a': {'b': x}} -> {'a/b': np.asarray(x)} (flax's own flattening)."""
+    from flax import traverse_util
+
+    return {path: np.asarray(value)
+            for path, value in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+    """Inverse of `flatten_params`."""
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

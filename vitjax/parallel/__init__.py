@@ -6,6 +6,7 @@ from vitjax.parallel.mesh import (
     MODEL,
     MODEL_PARALLEL_RULES,
     batch_sharding,
+    batch_to_global,
     host_to_global,
     local_batch_slice,
     local_to_global,
@@ -17,7 +18,8 @@ from vitjax.parallel.mesh import (
 )
 
 __all__ = [
-    "DATA", "MODEL", "MODEL_PARALLEL_RULES", "batch_sharding", "host_to_global",
+    "DATA", "MODEL", "MODEL_PARALLEL_RULES", "batch_sharding", "batch_to_global",
+    "host_to_global",
     "local_batch_slice", "local_to_global", "make_mesh", "replicated", "spec_for",
     "tree_partition_specs", "tree_shardings", "is_main_process", "maybe_initialize",
 ]

@@ -183,3 +183,12 @@ def local_to_global(local, mesh: Mesh, global_batch: int) -> jax.Array:
     return jax.make_array_from_process_local_data(
         batch_sharding(mesh), local, (global_batch,) + local.shape[1:]
     )
+
+
+def batch_to_global(local_batch: dict, mesh: Mesh) -> dict:
+    """A tree of this process's batch rows (numpy) -> global jax.Arrays split over 'data'; the
+    global batch is every process's rows, in process order (the input pipeline's layout)."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )

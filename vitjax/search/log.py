@@ -25,6 +25,7 @@ import os
 
 from etils import epath
 
+from vitjax import fileio
 from vitjax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -77,7 +78,7 @@ class SearchLog:
                     f.flush()
                     os.fsync(f.fileno())
             else:
-                self.path.write_text(good)
+                fileio.write_text(self.path, good)
         return records
 
     def append(self, record: dict) -> None:
@@ -96,7 +97,7 @@ class SearchLog:
                 os.fsync(f.fileno())
         else:
             existing = self.path.read_text() if self.path.exists() else ""
-            self.path.write_text(existing + line)
+            fileio.write_text(self.path, existing + line)
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:

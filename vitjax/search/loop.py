@@ -223,7 +223,7 @@ def trained_region(config: ViTConfig, space: SearchSpace, trained_gmacs: float |
     smallest count the box allows (the bound rises by margin / the dense count).
     None: the box covers the whole space (nothing to restrict)."""
     from vitjax.pruning.flops import count_flops
-    from vitjax.pruning.policy import SamplingSpace, calibrated_space
+    from vitjax.pruning.sampling import SamplingSpace, calibrated_space
 
     trained = SamplingSpace()
     if trained_gmacs is not None and trained_gmacs < count_flops(config).total:

@@ -32,6 +32,12 @@ from vitjax.errors import UserError
 from vitjax.models.config import ViTConfig
 from vitjax.pruning.flops import count_flops_batch
 from vitjax.pruning.policy import DIMENSIONS, Policy
+from vitjax.pruning.sampling import (
+    bisect_median,
+    calibration_draws,
+    check_reachable,
+    in_band,
+)
 
 MODES = ("layer", "tied")
 _TOKEN_CEILING = 0.99  # a token ratio must stay < 1: the class token needs company to attend to
@@ -371,23 +377,19 @@ class SearchSpace:
         smallest = self.smallest_gmacs(config)
         if upper is not None and np.isfinite(target_gmacs) and target_gmacs >= smallest:
             reachable = float(self.gmacs(config, np.minimum(np.asarray(upper), 1.0)))
-            if target_gmacs < reachable:
-                raise UserError(
-                    f"target {target_gmacs:.4f} GMACs is below the smallest model of the "
-                    f"search region ({reachable:.4f} GMACs with every ratio at its bound); "
-                    "raise the target or search the whole space (config.search.region='cube')"
-                )
-        if not np.isfinite(target_gmacs) or target_gmacs < smallest:
-            raise UserError(
-                f"target {target_gmacs:.4f} GMACs is below the smallest model of the search "
-                f"space ({smallest:.4f} GMACs with every ratio at its max_ratio "
-                f"{self.max_ratio}); raise the target or config.search.space.max_ratio"
-            )
+            check_reachable(target_gmacs, reachable, of="of the search region",
+                            detail=" with every ratio at its bound", error=UserError,
+                            fix="raise the target or search the whole space "
+                                "(config.search.region='cube')")
+        check_reachable(target_gmacs, smallest, of="of the search space",
+                        detail=f" with every ratio at its max_ratio {self.max_ratio}",
+                        fix="raise the target or config.search.space.max_ratio",
+                        error=UserError)
 
     def calibrated_scale(self, config: ViTConfig, target_gmacs: float) -> float:
         """One factor s for the unit box [0, s]^dim whose median draw meets the target.
 
-        The same idea as `vitjax.pruning.calibrated_space` (see there why: a sum of many
+        The same idea as `vitjax.pruning.sampling.calibrated_space` (see there why: a sum of many
         independent ratios concentrates), applied to the free coordinates of this space.
         """
         return _calibrated_scale(self, config, float(target_gmacs))
@@ -422,7 +424,7 @@ class SearchSpace:
     ) -> np.ndarray:
         """`count` draws of u from U_T: uniform in the calibrated box, rejected until the exact
         GMACs are <= target (and >= target*(1-tol) with a band). For the paper's space this is
-        the distribution of `vitjax.pruning.sample_policy`; vectorised for thousands of
+        the distribution of `vitjax.pruning.sampling.sample_policy`; vectorised for thousands of
         candidates per search iteration. `upper` [dim]: stay inside [0, upper] (see
         `sampling_box`). Deterministic given `rng`."""
         self.check_target(config, target_gmacs, upper)
@@ -441,11 +443,7 @@ class SearchSpace:
             u = (rng.uniform(0.0, high[0], (batch, self.dim)) if scalar
                  else rng.uniform(low, high, (batch, self.dim)))
             draws += batch
-            gmacs = self.gmacs(config, u)
-            ok = gmacs <= target_gmacs
-            if tol is not None:
-                ok &= gmacs >= target_gmacs * (1.0 - tol)
-            found.append(u[ok])
+            found.append(u[in_band(self.gmacs(config, u), target_gmacs, tol)])
         return np.concatenate(found)[:count]
 
 
@@ -453,16 +451,11 @@ class SearchSpace:
 def _raised_box(space: SearchSpace, config: ViTConfig, target_gmacs: float,
                 high: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     high = np.asarray(high)
-    unit = np.random.default_rng(0).uniform(0.0, 1.0, (2048, space.dim))
+    unit = calibration_draws(space.dim)
     if np.median(space.gmacs(config, unit * high)) <= target_gmacs:
         return np.zeros(space.dim), high
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        a = (lo + hi) / 2
-        if np.median(space.gmacs(config, high * (a + (1 - a) * unit))) > target_gmacs:
-            lo = a
-        else:
-            hi = a
+    _, hi = bisect_median(
+        lambda a: np.median(space.gmacs(config, high * (a + (1 - a) * unit))), target_gmacs)
     return hi * high, high
 
 
@@ -471,13 +464,8 @@ def _calibrated_scale(space: SearchSpace, config: ViTConfig, target_gmacs: float
     dense = float(space.gmacs(config, np.zeros(space.dim)))
     if target_gmacs >= dense:
         return 1.0  # every policy meets the target: sample the whole box, as sample_policy
-    unit = np.random.default_rng(0).uniform(0.0, 1.0, (2048, space.dim))
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        scale = (lo + hi) / 2
-        if np.median(space.gmacs(config, unit * scale)) > target_gmacs:
-            lo = scale
-        else:
-            hi = scale
+    unit = calibration_draws(space.dim)
+    lo, hi = bisect_median(lambda scale: np.median(space.gmacs(config, unit * scale)),
+                           target_gmacs)
     return (lo + hi) / 2
 

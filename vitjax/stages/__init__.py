@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import ml_collections
+
 from vitjax.stages import (
     ablation,
     baseline,
@@ -40,6 +42,9 @@ class Stage:
     needs: tuple[str, ...]  # stages whose results it reads
     sections: tuple[str, ...]  # config sections its results depend on (besides its needs')
     description: str
+    # Its config checks, run up front for every stage (vitjax.stages.checks.check_config):
+    # config -> None, a one-line UserError on a mistake.
+    check: Callable[[ml_collections.ConfigDict], None] | None = None
 
 
 # What a supernet depends on; every later stage reads the supernet.
@@ -49,24 +54,28 @@ _SUPERNET = ("seed", "target_flops_fraction", "model", "init", "data", "augment"
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        Stage("pretrain", pretrain.run, (), _SUPERNET, "supernet training (Eq. 5)"),
+        Stage("pretrain", pretrain.run, (), _SUPERNET, "supernet training (Eq. 5)",
+              pretrain.check_config),
         Stage("score", score.run, ("pretrain",), ("score",), "HSIC scores (Eq. 2)"),
         Stage("criteria", criteria.run, ("pretrain",), ("score", "seed", "criteria"),
               "criteria comparison (Fig. 1)"),
         Stage("search", search.run, ("pretrain",), ("search",),
               "GP + EI + SQP policy search (Sec. 3.3)"),
         Stage("ablation", ablation.run, ("pretrain",), ("ablation", "search"),
-              "dimension ablation (Table 3 left) and accuracy-vs-FLOPs front (Fig. 2)"),
+              "dimension ablation (Table 3 left) and accuracy-vs-FLOPs front (Fig. 2)",
+              ablation.check_config),
         Stage("prune", prune.run, ("pretrain", "search"), ("prune",),
               "physically smaller model (Alg. 1 line 12)"),
         Stage("finetune", finetune.run, ("prune",), ("finetune",),
-              "finetuning the pruned model (Alg. 1 line 13)"),
+              "finetuning the pruned model (Alg. 1 line 13)", finetune.check_config),
         Stage("baseline", baseline.run, ("prune", "finetune"), ("baseline",),
-              "no-supernet baseline: the policy cut from the dense model, trained as long"),
+              "no-supernet baseline: the policy cut from the dense model, trained as long",
+              baseline.check_config),
         Stage("export", export.run, ("prune", "finetune"), ("export",),
               "jax.export / ONNX / TFLite artifacts, verified"),
         Stage("compare", compare.run, ("pretrain", "prune"), ("compare", "finetune"),
-              "DynamicViT, block pruning, block + token at matched FLOPs (second paper)"),
+              "DynamicViT, block pruning, block + token at matched FLOPs (second paper)",
+              compare.check_config),
         Stage("report", report.run,
               ("pretrain", "score", "criteria", "search", "ablation", "prune", "finetune",
                "baseline", "export", "compare"), (),

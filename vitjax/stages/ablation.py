@@ -38,6 +38,16 @@ def combination(name: str) -> tuple[str, ...]:
     return dims
 
 
+def check_config(config) -> None:
+    ablation = config.get("ablation") or {}
+    for name in ablation.get("dimensions", ()) or ():
+        combination(name)
+    for b in ablation.get("budgets", ()) or ():
+        if not 0.0 < float(b) < 1.0:
+            raise UserError(f"config.ablation.budgets has {b}: give fractions of the dense "
+                            "FLOPs in (0, 1), e.g. (0.4, 0.5, 0.7, 0.8)")
+
+
 def _space_for(block, dims: tuple[str, ...], depth: int):
     """The search stage's space with the dimensions outside `dims` fixed at ratio 0."""
     from vitjax.search import SearchSpace

@@ -25,22 +25,26 @@ from vitjax.stages.context import Context
 BASELINE_FILE = "baseline.safetensors"
 
 
+def check_config(config) -> None:
+    steps = (config.get("baseline") or {}).get("steps")
+    if steps is not None and int(steps) < 1:
+        raise UserError(f"config.baseline.steps={steps}: needs at least one step (None: the "
+                        "supernet's plus the finetuning's)")
+
+
 def baseline_steps(ctx: Context, finetune_train) -> int:
     given = ctx.config.get("baseline", {}).get("steps")
     if given is not None:
-        if int(given) < 1:
-            raise UserError(f"config.baseline.steps={given}: needs at least one step")
         return int(given)
     return int(ctx.config.train.steps) + int(finetune_train.steps)
 
 
 def run(ctx: Context) -> dict:
-    from vitjax.evaluate import evaluate
     from vitjax.pruning import Policy, count_flops, prune_params
     from vitjax.scoring import score_model
     from vitjax.stages.finetune import finetune_config, train_pruned
+    from vitjax.stages.kit import accuracy_text, evaluate_accuracy, parameter_count
     from vitjax.stages.pretrain import load_init_checkpoint
-    from vitjax.stages.prune import parameter_count
 
     checkpoint = ctx.config.get("init", {}).get("checkpoint")
     if not checkpoint:
@@ -52,25 +56,22 @@ def run(ctx: Context) -> dict:
     dense = jax.device_get(load_init_checkpoint(ctx, checkpoint))
     score_config = dataclasses.replace(ctx.score_config(),
                                        score_tokens=ctx.token_mode == "static")
-    images = jnp.asarray(ctx.train_images(int(ctx.config.get("score", {}).get("batch_size",
-                                                                              256))))
+    images = jnp.asarray(ctx.train_images(ctx.score_batch_size))
     ranks = jax.device_get(score_model(ctx.model(), dense, images, config=score_config).ranks())
     policy = Policy.from_json((ctx.workdir / "prune" / "policy.json").read_text())
     pruned_config, params = prune_params(ctx.model_config, dense, policy, ranks, ctx.token_mode)
-    datasets = ctx.datasets
-    before = {name: evaluate(ctx.model(pruned_config), params, None, ctx.eval_batches(name)(),
-                             ctx.mesh)["accuracy"] for name in datasets.eval_names}
+    before = evaluate_accuracy(ctx, ctx.model(pruned_config), params)
 
     config, _ = finetune_config(ctx)
     steps = baseline_steps(ctx, config.train)
     config.train.steps = steps
     print("[vitjax] baseline: the policy cut from the dense model by its HSIC ranks scores "
-          + ", ".join(f"{k} {v:.1%}" for k, v in before.items())
+          + accuracy_text(before)
           + f" before training; training it for {steps} steps", flush=True)
     _, trained, accuracy, teacher = train_pruned(
         ctx, pruned_config, params, config, out, BASELINE_FILE, "the baseline's training")
     print("[vitjax] baseline: no-supernet baseline after training "
-          + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
+          + accuracy_text(accuracy), flush=True)
     return {"accuracy": accuracy, "accuracy_before_training": before, "steps": steps,
             "gmacs": count_flops(pruned_config).total, "params": parameter_count(trained),
             "teacher": teacher, "file": str(out / BASELINE_FILE)}

@@ -1,5 +1,10 @@
 """Up-front checks of a pipeline config and workdir: user mistakes become one-line `UserError`s
-before any work starts, and finished stages are never silently reused with another config."""
+before any work starts, and finished stages are never silently reused with another config.
+
+`check_config` checks what every stage shares (config.model) and then runs each stage's own
+validator, declared beside the stage in the table (`vitjax.stages.STAGES`, `Stage.check`):
+`pretrain.check_config` (config.train, the budget), `finetune.check_config`, ... Those use
+`require` and `clamp_warmup` from here."""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ BOOKKEEPING = {
     "stages", "overwrite", "mesh", "distributed", "workdir",
     "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
     "train.async_checkpoints", "train.eval_batch_size", "train.resume_overrides",
-    "data.num_parallel_calls", "data.prefetch", "data.cache_eval",
+    "data.num_parallel_calls", "data.prefetch", "data.cache_eval", "data.cache_eval_mb",
     # How the same numbers are computed (results equal up to float rounding).
     "model.attention", "model.remat_policy",
 }
@@ -30,84 +35,46 @@ RESUMABLE_TRAIN_KEYS = ("lr", "min_lr", "warmup_lr", "warmup_steps", "grad_clip"
                         "weight_decay", "b1", "b2", "steps")
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """A one-line UserError with `message` unless `condition` holds."""
     if not condition:
         raise UserError(message)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Validates (and, where a default cannot fit, adjusts with a warning) the config."""
-    train = config.train
-    steps = int(train.steps)
-    _require(steps > 0, f"config.train.steps={steps}: training needs at least one step")
-    for key in ("batch_size", "eval_batch_size"):
-        value = train.get(key)
-        _require(value is None or int(value) > 0,
-                 f"config.train.{key}={value}: must be a positive number of images")
-    _clamp_warmup(train, "train", steps, int(train.get("warmup_steps", 0) or 0))
-    finetune = config.get("finetune")
-    if finetune is not None:  # unset keys are config.train's
-        given = finetune.get("steps")
-        finetune_steps = int(steps if given is None else given)
-        _require(finetune_steps > 0, f"config.finetune.steps={finetune_steps}: finetuning "
-                 "needs at least one step")
-        warmup = finetune.get("warmup_steps")
-        _clamp_warmup(finetune, "finetune", finetune_steps,
-                      int(train.warmup_steps if warmup is None else warmup))
-    token_mode = train.get("token_mode", "attention")
-    _require(token_mode in TOKEN_MODES,
-             f"config.train.token_mode={token_mode!r}: choose one of {', '.join(TOKEN_MODES)}")
-    if token_mode == "attention" and config.model.get("class_token") is False:
-        _require(False, "config.train.token_mode='attention' selects tokens by class attention, "
-                 "but config.model has no class token (class_token=False); set "
-                 "--config.train.token_mode=static")
+    """Validates (and, where a default cannot fit, adjusts with a warning) the config: the
+    model, then every stage's block by the stage's validator (all stages, selected or not, so a
+    mistake is found before hours of the stages before it)."""
+    from vitjax.stages import STAGES
+
     dtype = config.model.get("dtype", "float32")
     try:
         ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
     except TypeError:
         ok = False
-    _require(ok, f"config.model.dtype={dtype!r}: use float32 or bfloat16 (float16 also works)")
+    require(ok, f"config.model.dtype={dtype!r}: use float32 or bfloat16 (float16 also works)")
     from vitjax.models.vit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
     attention = config.model.get("attention", "auto")
-    _require(attention in ATTENTION_IMPLEMENTATIONS,
-             f"config.model.attention={attention!r}: choose one of "
-             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    _require(attention != "cudnn" or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16),
-             f"config.model.attention='cudnn' needs config.model.dtype='bfloat16' (or float16), "
-             f"not {dtype!r}; or use attention='auto'")
+    require(attention in ATTENTION_IMPLEMENTATIONS,
+            f"config.model.attention={attention!r}: choose one of "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    require(attention != "cudnn" or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16),
+            f"config.model.attention='cudnn' needs config.model.dtype='bfloat16' (or float16), "
+            f"not {dtype!r}; or use attention='auto'")
     remat_policy = config.model.get("remat_policy", "full")
-    _require(remat_policy in REMAT_POLICIES,
-             f"config.model.remat_policy={remat_policy!r}: choose one of "
-             f"{', '.join(REMAT_POLICIES)}")
-    overrides = resume_overrides(config)
-    unknown = sorted(set(overrides) - set(RESUMABLE_TRAIN_KEYS))
-    _require(not unknown, f"config.train.resume_overrides names {unknown}: only "
-             f"{', '.join(RESUMABLE_TRAIN_KEYS)} may change when resuming")
-    from vitjax.stages.ablation import combination
-    from vitjax.stages.compare import METHODS
-
-    ablation = config.get("ablation") or {}
-    for name in ablation.get("dimensions", ()) or ():
-        combination(name)
-    for b in ablation.get("budgets", ()) or ():
-        _require(0.0 < float(b) < 1.0, f"config.ablation.budgets has {b}: give fractions of the "
-                 "dense FLOPs in (0, 1), e.g. (0.4, 0.5, 0.7, 0.8)")
-    unknown = [m for m in ((config.get("compare") or {}).get("methods", ()) or ())
-               if m not in METHODS]
-    _require(not unknown, f"config.compare.methods has {unknown}; choose from {list(METHODS)}")
-    _check_distill(config)
-    fraction = config.get("target_flops_fraction")
-    if fraction is not None and train.get("target_gmacs") is None:
-        _require(0 < float(fraction) < 1,
-                 f"config.target_flops_fraction={fraction}: the FLOPs budget is a fraction of "
-                 "the dense model in (0, 1), e.g. 0.6 for the paper's 40% reduction")
+    require(remat_policy in REMAT_POLICIES,
+            f"config.model.remat_policy={remat_policy!r}: choose one of "
+            f"{', '.join(REMAT_POLICIES)}")
+    for stage in STAGES.values():
+        if stage.check is not None:
+            stage.check(config)
 
 
-def _clamp_warmup(block, name: str, steps: int, warmup: int) -> None:
+def clamp_warmup(block, name: str, steps: int, warmup: int) -> None:
     """A warmup as long as the run (e.g. a shortened run from the command line) becomes a
     tenth of the run, with a warning, instead of failing in the learning-rate schedule."""
-    _require(warmup >= 0, f"config.{name}.warmup_steps={warmup} must be >= 0")
+    require(warmup >= 0, f"config.{name}.warmup_steps={warmup} must be >= 0")
     if warmup < steps:
         return
     clamped = steps // 10
@@ -118,45 +85,31 @@ def _clamp_warmup(block, name: str, steps: int, warmup: int) -> None:
     block.warmup_steps = clamped
 
 
-def _check_distill(config: ml_collections.ConfigDict) -> None:
-    """Distillation weights and temperatures (supernet and finetuning), the baseline's steps."""
-    for block in ("train", "finetune"):
-        section = config.get(block) or {}
-        weight, temperature = section.get("distill"), section.get("temperature")
-        _require(weight is None or 0.0 <= float(weight) <= 1.0,
-                 f"config.{block}.distill={weight}: the teacher's weight in the loss is in "
-                 "[0, 1] (0: no teacher)")
-        _require(temperature is None or float(temperature) > 0,
-                 f"config.{block}.temperature={temperature}: must be > 0 (1: plain KL)")
-    if float(config.train.get("distill", 0.0) or 0.0) > 0:
-        _require(bool((config.get("init") or {}).get("checkpoint")),
-                 f"config.train.distill={config.train.distill} needs a teacher: set "
-                 "config.init.checkpoint to the trained dense model, or --config.train.distill=0")
-    steps = (config.get("baseline") or {}).get("steps")
-    _require(steps is None or int(steps) > 0,
-             f"config.baseline.steps={steps}: needs at least one step (None: the supernet's "
-             "plus the finetuning's)")
+def check_distillation(section, block: str) -> None:
+    """The teacher's weight and temperature of a training block (train, finetune)."""
+    section = section or {}
+    weight, temperature = section.get("distill"), section.get("temperature")
+    require(weight is None or 0.0 <= float(weight) <= 1.0,
+            f"config.{block}.distill={weight}: the teacher's weight in the loss is in "
+            "[0, 1] (0: no teacher)")
+    require(temperature is None or float(temperature) > 0,
+            f"config.{block}.temperature={temperature}: must be > 0 (1: plain KL)")
 
 
 def check_target(model_config, target_gmacs: float | None, dense_gmacs: float) -> None:
     """The FLOPs budget must lie between the smallest model the supernet samples and dense."""
     if target_gmacs is None:
         return
-    from vitjax.pruning import Policy, count_flops
-    from vitjax.pruning.policy import SamplingSpace
+    from vitjax.pruning.sampling import check_reachable, smallest_gmacs
 
-    space = SamplingSpace()
-    smallest = count_flops(model_config, Policy.uniform(
-        model_config.depth, space.neuron, space.head, space.token)).total
-    _require(target_gmacs < dense_gmacs,
-             f"FLOPs target {target_gmacs:.4g} GMACs is not below the dense model "
-             f"({dense_gmacs:.4g} GMACs); lower config.target_flops_fraction (or "
-             "train.target_gmacs)")
-    _require(target_gmacs >= smallest,
-             f"FLOPs target {target_gmacs:.4g} GMACs ({target_gmacs / dense_gmacs:.1%} of dense) "
-             f"is below the smallest model the supernet can sample ({smallest:.4g} GMACs, "
-             f"{smallest / dense_gmacs:.1%}); raise config.target_flops_fraction above "
-             f"{smallest / dense_gmacs:.2f}")
+    require(target_gmacs < dense_gmacs,
+            f"FLOPs target {target_gmacs:.4g} GMACs is not below the dense model "
+            f"({dense_gmacs:.4g} GMACs); lower config.target_flops_fraction (or "
+            "train.target_gmacs)")
+    smallest = smallest_gmacs(model_config)
+    check_reachable(target_gmacs, smallest, of="the supernet can sample",
+                    detail=f", {smallest / dense_gmacs:.1%} of dense", error=UserError,
+                    fix=f"raise config.target_flops_fraction above {smallest / dense_gmacs:.2f}")
 
 
 def check_workdir(path: epath.Path) -> None:
@@ -188,15 +141,11 @@ def _split(value: Any) -> list[str]:
     return list(value)
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
+def flatten(config: Mapping[str, Any]) -> dict[str, Any]:
+    """{'train': {'lr': x}} -> {'train.lr': x} (flax's own flattening)."""
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(config, sep=".")
 
 
 def stage_config(config: ml_collections.ConfigDict, sections: Iterable[str]) -> dict[str, Any]:

@@ -25,13 +25,20 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 
 from vitjax import workdir as workdir_lib
 from vitjax.errors import UserError
-from vitjax.models import ViT, ViTConfig
+from vitjax.models import ViTConfig
 from vitjax.stages.context import Context
+from vitjax.stages.kit import (
+    evaluate_accuracy,
+    load_weights,
+    parameter_count,
+    save_weights,
+    train_model,
+    trained_accuracy,
+)
 
 METHODS = ("dynamicvit", "block", "block+token")
 DYNAMICVIT_FILE = "dynamicvit.json"
@@ -39,30 +46,6 @@ DYNAMICVIT_FILE = "dynamicvit.json"
 
 def folder(method: str) -> str:
     return method.replace("+", "_")
-
-
-class MovementViT(nn.Module):
-    """A ViT whose heads and FFN neuron blocks are masked by learned movement scores: params
-    {'vit': ViT params, 'scores': {'head', 'neuron'}}, so the shared trainer and evaluator see
-    one model (the evaluator calls it like a ViT)."""
-
-    config: ViTConfig
-    mcfg: object  # vitjax.blockprune.MovementConfig
-    drop_path_rate: float = 0.0
-    dtype: object = None
-
-    @nn.compact
-    def __call__(self, images, masks=None, train: bool = False):
-        from vitjax.blockprune import init_scores, learned_scores, movement_masks
-
-        if masks is not None:
-            raise ValueError("movement pruning learns its own masks; pass masks=None")
-        stored = self.param("scores", lambda _: jax.tree.map(
-            lambda s: s / self.mcfg.score_lr_scale, init_scores(self.config, self.mcfg)))
-        scores = learned_scores({"scores": stored}, self.mcfg)
-        kwargs = {} if self.dtype is None else {"dtype": self.dtype}
-        vit = ViT(self.config, drop_path_rate=self.drop_path_rate, name="vit", **kwargs)
-        return vit(images, movement_masks(scores, self.mcfg), train=train)
 
 
 def _recipe(ctx: Context):
@@ -79,19 +62,9 @@ def _recipe(ctx: Context):
 
 
 def _train(ctx: Context, config, out, model, params, **kwargs):
-    from vitjax.stages.pretrain import StepBatches
-    from vitjax.training import train
-
-    datasets = ctx.datasets
-    result = train(config, str(out), model=model, train_batches=StepBatches(datasets),
-                   eval_sets={name: ctx.eval_batches(name) for name in datasets.eval_names},
-                   init_params=params, mesh=ctx.mesh, num_classes=datasets.num_classes,
-                   **kwargs)
-    if result.preempted:
-        raise UserError("the compare stage was preempted; rerun the same command to resume")
-    accuracy = {name: result.metrics[f"eval/{name}/model/accuracy"]
-                for name in datasets.eval_names}
-    return jax.device_get(result.params), accuracy
+    result = train_model(ctx, config, out, model, what="the compare stage", init_params=params,
+                         **kwargs)
+    return jax.device_get(result.params), trained_accuracy(ctx, result)
 
 
 def dynamicvit_schedule(ctx: Context, config: ViTConfig, target: float):
@@ -162,6 +135,7 @@ def train_block(ctx: Context, target: float, out) -> dict:
     """Movement pruning of the dense supernet to `target` GMACs, sliced."""
     from vitjax.blockprune import (
         MovementConfig,
+        MovementViT,
         learned_scores,
         movement_init_fn,
         movement_loss,
@@ -185,29 +159,21 @@ def train_block(ctx: Context, target: float, out) -> dict:
     print(f"[vitjax] compare: block pruning kept heads {list(pruned_config.layer_heads or [])}"
           f", neurons {list(pruned_config.layer_mlp_dims or [])}: {gmacs:.4g} GMACs (target "
           f"{target:.4g})", flush=True)
-    accuracy = {name: _accuracy(ctx, ctx.model(pruned_config), pruned_params, name)
-                for name in ctx.datasets.eval_names}
+    accuracy = evaluate_accuracy(ctx, ctx.model(pruned_config), pruned_params)
     return dict(model=ctx.model(pruned_config), params=pruned_params, accuracy=accuracy,
                 config=pruned_config, gmacs=gmacs)
-
-
-def _accuracy(ctx: Context, model, params, split: str) -> float:
-    from vitjax.evaluate import evaluate
-
-    return float(evaluate(model, params, None, ctx.eval_batches(split)(), ctx.mesh)["accuracy"])
 
 
 def save_result(ctx: Context, method: str, result: dict, out) -> dict:
     """Weights (+ DynamicViT schedule), a verified jax.export artifact, result.json."""
     from vitjax.export import export_all
-    from vitjax.stages.prune import parameter_count, save_model
 
     summary = {k: result[k] for k in ("accuracy", "gmacs", "block_gmacs") if k in result}
     summary.update(params=parameter_count(result["params"]), method=method,
                    weights=str(out / "model.safetensors"))
     if ctx.is_main:
-        save_model(out / "model.safetensors", result["config"], result["params"],
-                   ctx.preprocessing)
+        save_weights(out / "model.safetensors", result["config"], result["params"],
+                     ctx.preprocessing)
         if "dynamicvit" in result:
             workdir_lib.write_json(out / DYNAMICVIT_FILE, result["dynamicvit"])
             summary["dynamicvit"] = result["dynamicvit"]
@@ -220,12 +186,8 @@ def save_result(ctx: Context, method: str, result: dict, out) -> dict:
 
 def load_model(ctx: Context, method: str):
     """(model, params) of a finished method, for the report's speed measurement."""
-    from vitjax.interop import load_native
-    from vitjax.stages.context import local_copy
-
     out = ctx.workdir / "compare" / folder(method)
-    with local_copy(out / "model.safetensors") as local:
-        config, params = load_native(local)
+    config, params = load_weights(out / "model.safetensors", "compare")
     if (out / DYNAMICVIT_FILE).exists():
         from vitjax.dynamicvit import DynamicViT, DynamicViTConfig
 
@@ -235,6 +197,19 @@ def load_model(ctx: Context, method: str):
     return ctx.model(config), params
 
 
+def check_config(config) -> None:
+    block = config.get("compare") or {}
+    methods = tuple(block.get("methods", ()) or ())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"config.compare.methods has {unknown}; choose from {list(METHODS)}")
+    if "block+token" in methods:
+        share = float(block.block_share)
+        if not 0.0 < share < 1.0:
+            raise UserError(f"config.compare.block_share={share}: the fraction of the FLOPs "
+                            "cut taken by block pruning must be in (0, 1)")
+
+
 def run(ctx: Context) -> dict:
     block = ctx.config.get("compare")
     methods = tuple(block.get("methods", ()) or ()) if block else ()
@@ -242,9 +217,6 @@ def run(ctx: Context) -> dict:
         print("[vitjax] compare: skipped, config.compare.methods is empty (e.g. "
               "--config=configs/digits.py:compare)", flush=True)
         return {"methods": {}}
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"config.compare.methods has {unknown}; choose from {list(METHODS)}")
     out = ctx.stage_dir("compare")
     prune = ctx.done_file("prune")
     target = workdir_lib.read_json(prune)["pruned_gmacs"] if prune.exists() else \
@@ -268,10 +240,7 @@ def run(ctx: Context) -> dict:
         elif method == "block":
             result = train_block(ctx, target, mdir)
         else:
-            share = float(block.get("block_share", 0.5))
-            if not 0.0 < share < 1.0:
-                raise UserError(f"config.compare.block_share={share}: the fraction of the FLOPs "
-                                "cut taken by block pruning must be in (0, 1)")
+            share = float(block.block_share)
             middle = ctx.dense_gmacs - share * (ctx.dense_gmacs - target)
             first = train_block(ctx, middle, mdir / "block")
             result = train_dynamicvit(ctx, first["config"], first["params"], target, mdir)

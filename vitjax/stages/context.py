@@ -3,10 +3,8 @@ and supernet. Only shared things live here; each stage's own logic is in its mod
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import tempfile
 from typing import Any
 
 import jax
@@ -18,29 +16,10 @@ from etils import epath
 from vitjax.configs import model_config_from
 from vitjax.errors import UserError
 from vitjax.models import ViT, ViTConfig
+from vitjax.stages.kit import damaged, load_weights
 
 SUPERNET_FILE = "supernet.safetensors"
 RANKS_FILE = "ranks.npz"  # the ranks the supernet was last trained with (save_scores format)
-
-
-def _damaged(path, stage: str, error: BaseException) -> str:
-    what = "is missing" if isinstance(error, FileNotFoundError) else \
-        f"cannot be read ({type(error).__name__}: {str(error)[:120]})"
-    return (f"{path} {what} although stage {stage!r} finished; delete "
-            f"{path.parent / 'DONE.json'} and rerun with --config.stages={stage},... to redo it "
-            "(from its final checkpoint where one is kept)")
-
-
-@contextlib.contextmanager
-def local_copy(path: epath.Path):
-    """A local file with the contents of `path` (itself when it is local already)."""
-    if "://" not in str(path):
-        yield str(path)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = epath.Path(tmp) / path.name
-        path.copy(local)
-        yield str(local)
 
 
 @dataclasses.dataclass
@@ -177,7 +156,7 @@ class Context:
     def eval_batches(self, name: str):
         """A callable returning a fresh pass over evaluation set `name` ('holdout'/'test'),
         this process's padded batches. Streamed (never the whole set in memory), unless the
-        set's images fit in `config.data.cache_eval_mb` (default 256): then the first pass is
+        set's images fit in `config.data.cache_eval_mb`: then the first pass is
         kept in host memory, since the criteria sweep and the searches make hundreds of passes
         and a tf.data pass costs more than evaluating a small set (digits)."""
         datasets = self.datasets
@@ -188,7 +167,7 @@ class Context:
         stream = functools.partial(datasets.eval_batches, name)
         size = int(self.config.data.image_size)
         megabytes = datasets.eval_size(name) * size * size * 3 * 4 / 2**20
-        if megabytes > float(self.config.data.get("cache_eval_mb", 256)):
+        if megabytes > float(self.config.data.cache_eval_mb):
             return stream
         cache = self.__dict__.setdefault("_eval_cache", {})
 
@@ -223,16 +202,10 @@ class Context:
     def load_supernet(self, *, replicate: bool = False) -> dict[str, Any]:
         """The pretrained supernet's parameters: host arrays, or with `replicate` global arrays
         replicated over the mesh (what the sharded evaluator takes on several hosts)."""
-        from vitjax.interop import load_native
-
         path = self.workdir / "pretrain" / SUPERNET_FILE
         if not path.exists():
             raise UserError(f"no supernet at {path}: run the pretrain stage first")
-        try:
-            with local_copy(path) as local:
-                config, params = load_native(local)
-        except Exception as e:  # noqa: BLE001 - safetensors/json raise many types: all "damaged"
-            raise UserError(_damaged(path, "pretrain", e)) from None
+        config, params = load_weights(path, "pretrain")
         if config != self.model_config:
             raise UserError(
                 f"the supernet in {path} was trained for another architecture than "
@@ -258,13 +231,19 @@ class Context:
         try:
             ranks = load_ranks(path)
         except Exception as e:  # noqa: BLE001 - missing, truncated, not an npz: all "damaged"
-            raise UserError(_damaged(path, stage, e)) from None
+            raise UserError(damaged(path, stage, e)) from None
         if self.token_mode == "static" and ranks.token is None:
             raise UserError(
                 f"{self.workdir / stage / name} has no token ranks but train.token_mode="
                 "'static' needs them; rerun that stage with token_mode='static'"
             )
         return ranks
+
+    @property
+    def score_batch_size(self) -> int:
+        """Images HSIC scoring reads (config.score.batch_size): the score and criteria stages,
+        the supernet's periodic re-ranking and the baseline's ranks."""
+        return int(self.config.score.batch_size)
 
     def score_config(self):
         from vitjax.scoring import ScoreConfig

@@ -13,7 +13,7 @@ def run(ctx: Context) -> dict:
 
     out = ctx.stage_dir("criteria")
     params = ctx.load_supernet(replicate=True)
-    batch = int(ctx.config.get("score", {}).get("batch_size", 256))
+    batch = ctx.score_batch_size
     ratios = tuple(float(r) for r in (ctx.config.get("criteria", {}).get("ratios") or RATIOS))
     if not ratios or not all(0.0 <= r < 1.0 for r in ratios):
         raise UserError(f"config.criteria.ratios={ratios}: give pruning ratios in [0, 1)")

@@ -15,7 +15,8 @@ import importlib.util
 import jax.numpy as jnp
 
 from vitjax.errors import UserError
-from vitjax.stages.context import Context, local_copy
+from vitjax.stages.context import Context
+from vitjax.stages.kit import load_weights
 
 _EXTRA_MODULES = {"onnx": ("jax2onnx", "onnxruntime"), "tflite": ("ai_edge_litert",)}
 
@@ -49,17 +50,15 @@ def chosen_formats(ctx: Context) -> list[str]:
 
 def run(ctx: Context) -> dict:
     from vitjax.export import export_all
-    from vitjax.interop import load_native
     from vitjax.stages.finetune import FINETUNED_FILE
     from vitjax.stages.prune import PRUNED_FILE
 
     formats = chosen_formats(ctx)
-    source = ctx.workdir / "finetune" / FINETUNED_FILE
+    source, stage = ctx.workdir / "finetune" / FINETUNED_FILE, "finetune"
     if not (ctx.done_file("finetune").exists() and source.exists()):
         ctx.summary("prune")
-        source = ctx.workdir / "prune" / PRUNED_FILE
-    with local_copy(source) as local:
-        config, params = load_native(local)
+        source, stage = ctx.workdir / "prune" / PRUNED_FILE, "prune"
+    config, params = load_weights(source, stage)
     split = "holdout" if "holdout" in ctx.datasets.eval_names else "test"
     batch = next(iter(ctx.eval_batches(split)()))
     images = batch["image"][: max(int(batch["mask"].sum()), 1)]

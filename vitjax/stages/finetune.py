@@ -13,7 +13,16 @@ import jax
 
 from vitjax.errors import UserError
 from vitjax.stages.context import Context
-from vitjax.stages.prune import PRUNED_FILE, parameter_count, save_model
+from vitjax.stages.kit import (
+    accuracy_text,
+    load_weights,
+    parameter_count,
+    save_weights,
+    teacher_loss,
+    train_model,
+    trained_accuracy,
+)
+from vitjax.stages.prune import PRUNED_FILE
 
 FINETUNED_FILE = "finetuned.safetensors"
 # Keys of config.train that only policy sampling reads; finetuning sets them itself.
@@ -21,11 +30,9 @@ SUPERNET_ONLY_KEYS = ("sample_policies", "sandwich", "target_gmacs", "target_tol
                       "score_every", "token_mode")
 
 
-def finetune_config(ctx: Context):
-    """config with config.train replaced by the finetuning recipe (no policy sampling)."""
-    config = ctx.config.copy_and_resolve_references()
-    # Unset (None) keys keep config.train's value.
-    overrides = {k: v for k, v in dict(ctx.config.get("finetune", {})).items() if v is not None}
+def _overrides(config) -> dict:
+    """config.finetune's set keys (unset, None, keys keep config.train's value), checked."""
+    overrides = {k: v for k, v in dict(config.get("finetune", {})).items() if v is not None}
     unknown = sorted(set(overrides) - set(config.train))
     if unknown:
         raise UserError(f"config.finetune has unknown keys {unknown}; it overrides keys of "
@@ -35,27 +42,34 @@ def finetune_config(ctx: Context):
         raise UserError(f"config.finetune sets {supernet_only}, which only the supernet's "
                         "training uses: finetuning trains the pruned model itself, without "
                         "policies; leave them unset")
+    return overrides
+
+
+def check_config(config) -> None:
+    """config.finetune: the keys it overrides, its length and warmup, its teacher weight."""
+    from vitjax.stages.checks import check_distillation, clamp_warmup, require
+
+    finetune = config.get("finetune")
+    if finetune is None:
+        return
+    _overrides(config)
+    given = finetune.get("steps")
+    steps = int(config.train.steps if given is None else given)
+    require(steps > 0, f"config.finetune.steps={steps}: finetuning needs at least one step")
+    warmup = finetune.get("warmup_steps")
+    clamp_warmup(finetune, "finetune", steps,
+                 int(config.train.warmup_steps if warmup is None else warmup))
+    check_distillation(finetune, "finetune")
+
+
+def finetune_config(ctx: Context):
+    """config with config.train replaced by the finetuning recipe (no policy sampling)."""
+    config = ctx.config.copy_and_resolve_references()
+    overrides = _overrides(ctx.config)
     config.train.update(overrides)
     config.train.sample_policies = False
     config.train.target_gmacs = None
     return config, overrides
-
-
-def teacher_loss(ctx: Context, student, train_config):
-    """(loss_fn, frozen teacher parameters, teacher name) for `train_config.distill` > 0, else
-    (None, None, None): the init checkpoint's dense model when there is one, else the supernet."""
-    from vitjax.stages.pretrain import distillation_setup
-
-    weight = float(train_config.get("distill", 0.0) or 0.0)
-    if weight <= 0:
-        return None, None, None
-    if ctx.config.get("init", {}).get("checkpoint"):
-        return distillation_setup(ctx, student, train_config)
-    from vitjax.training.losses import distillation_loss
-
-    loss_fn = distillation_loss(student, ctx.model(), weight=weight,
-                                temperature=float(train_config.get("temperature", 1.0)))
-    return loss_fn, jax.device_get(ctx.load_supernet()), "dense supernet"
 
 
 def train_pruned(ctx: Context, pruned_config, params, config, out, file_name: str, what: str):
@@ -63,42 +77,26 @@ def train_pruned(ctx: Context, pruned_config, params, config, out, file_name: st
     `finetune_config`) and its teacher; saves it as out/file_name. The one training path of the
     finetune and baseline stages. Returns (train result, trained params, accuracy per eval set,
     teacher name)."""
-    from vitjax.stages.pretrain import StepBatches
-    from vitjax.training import train
-
     model = ctx.model(pruned_config, train=True).clone(
         drop_path_rate=float(config.train.get("drop_path", 0.0)))
     loss_fn, frozen, teacher = teacher_loss(ctx, model, config.train)
-    datasets = ctx.datasets
-    result = train(
-        config, str(out), model=model, train_batches=StepBatches(datasets),
-        eval_sets={name: ctx.eval_batches(name) for name in datasets.eval_names},
-        init_params=params, mesh=ctx.mesh, num_classes=datasets.num_classes,
-        loss_fn=loss_fn, frozen=frozen,
-    )
-    if result.preempted:
-        raise UserError(f"{what} was preempted; rerun the same command to resume")
+    result = train_model(ctx, config, out, model, what=what, init_params=params,
+                         loss_fn=loss_fn, frozen=frozen)
     trained = jax.device_get(result.params)
     if ctx.is_main:
-        save_model(out / file_name, pruned_config, trained, ctx.preprocessing)
-    accuracy = {name: result.metrics[f"eval/{name}/model/accuracy"]
-                for name in datasets.eval_names}
-    return result, trained, accuracy, teacher
+        save_weights(out / file_name, pruned_config, trained, ctx.preprocessing)
+    return result, trained, trained_accuracy(ctx, result), teacher
 
 
 def run(ctx: Context) -> dict:
-    from vitjax.interop import load_native
-    from vitjax.stages.context import local_copy
-
     ctx.summary("prune")
     out = ctx.stage_dir("finetune")
-    with local_copy(ctx.workdir / "prune" / PRUNED_FILE) as local:
-        pruned_config, params = load_native(local)
+    pruned_config, params = load_weights(ctx.workdir / "prune" / PRUNED_FILE, "prune")
     config, _ = finetune_config(ctx)
     result, finetuned, accuracy, teacher = train_pruned(
         ctx, pruned_config, params, config, out, FINETUNED_FILE, "finetuning")
     print("[vitjax] finetune: accuracy after finetuning "
-          + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
+          + accuracy_text(accuracy), flush=True)
     return {"metrics": result.metrics, "accuracy": accuracy, "steps": result.step,
             "distill": float(config.train.get("distill", 0.0) or 0.0), "teacher": teacher,
             "params": parameter_count(finetuned),

@@ -14,33 +14,64 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import tempfile
 
 import jax
 import numpy as np
 from etils import epath
 
 from vitjax.errors import UserError
-from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context, local_copy
+from vitjax.stages.context import RANKS_FILE, SUPERNET_FILE, Context
+from vitjax.stages.kit import (
+    accuracy_text,
+    distillation_setup,
+    evaluate_accuracy,
+    load_teacher,
+    local_copy,
+    parameter_count,
+    save_weights,
+    train_model,
+)
+
+TOKEN_MODES = ("attention", "static")
+# Optimisation hyper-parameters that `train.resume_overrides` may change when resuming a run
+# (e.g. a lower learning rate after the loss diverged).
+RESUMABLE_TRAIN_KEYS = ("lr", "min_lr", "warmup_lr", "warmup_steps", "grad_clip",
+                        "weight_decay", "b1", "b2", "steps")
 
 
-class StepBatches:
-    """`step -> (images, labels)` over the data pipeline's sequential train stream: the trainer
-    asks for consecutive steps, and a jump (a resumed run) restarts the stream at that step.
-    Mixing (mixup/cutmix) happens in the jitted step, on device."""
+def check_config(config) -> None:
+    """config.train (what every training reads; finetuning overrides it), the teacher and the
+    FLOPs budget; a warmup as long as the run is shortened with a warning."""
+    from vitjax.stages.checks import check_distillation, clamp_warmup, require, resume_overrides
 
-    def __init__(self, datasets):
-        self._datasets = datasets
-        self._next_step: int | None = None
-        self._iterator = None
-
-    def __call__(self, step: int):
-        if self._iterator is None or step != self._next_step:
-            self._iterator = iter(self._datasets.train_batches(step))
-        batch = next(self._iterator)
-        self._next_step = step + 1
-        return batch["image"], batch["label"]
+    train = config.train
+    steps = int(train.steps)
+    require(steps > 0, f"config.train.steps={steps}: training needs at least one step")
+    for key in ("batch_size", "eval_batch_size"):
+        value = train.get(key)
+        require(value is None or int(value) > 0,
+                f"config.train.{key}={value}: must be a positive number of images")
+    clamp_warmup(train, "train", steps, int(train.get("warmup_steps", 0) or 0))
+    token_mode = train.get("token_mode", "attention")
+    require(token_mode in TOKEN_MODES,
+            f"config.train.token_mode={token_mode!r}: choose one of {', '.join(TOKEN_MODES)}")
+    if token_mode == "attention" and config.model.get("class_token") is False:
+        require(False, "config.train.token_mode='attention' selects tokens by class attention, "
+                "but config.model has no class token (class_token=False); set "
+                "--config.train.token_mode=static")
+    unknown = sorted(set(resume_overrides(config)) - set(RESUMABLE_TRAIN_KEYS))
+    require(not unknown, f"config.train.resume_overrides names {unknown}: only "
+            f"{', '.join(RESUMABLE_TRAIN_KEYS)} may change when resuming")
+    check_distillation(train, "train")
+    if float(train.get("distill", 0.0) or 0.0) > 0:
+        require(bool((config.get("init") or {}).get("checkpoint")),
+                f"config.train.distill={train.distill} needs a teacher: set "
+                "config.init.checkpoint to the trained dense model, or --config.train.distill=0")
+    fraction = config.get("target_flops_fraction")
+    if fraction is not None and train.get("target_gmacs") is None:
+        require(0 < float(fraction) < 1,
+                f"config.target_flops_fraction={fraction}: the FLOPs budget is a fraction of "
+                "the dense model in (0, 1), e.g. 0.6 for the paper's 40% reduction")
 
 
 def load_init_checkpoint(ctx: Context, path: str):
@@ -103,51 +134,9 @@ def check_preprocessing(ctx: Context, path: str, loaded) -> None:
                     "config.init.preprocessing='imagenet' or 'inception' to state it)", message)
 
 
-def load_teacher(ctx: Context):
-    """(ViT, host parameters) of `config.init.checkpoint` as it was trained (its own classes and
-    image size, no head replaced): the frozen dense teacher. A one-line UserError when it cannot
-    teach config.model's student (other classes, image size or patch size)."""
-    from vitjax.interop import load_checkpoint
-    from vitjax.training.losses import check_teacher
-
-    path = ctx.config.init.checkpoint
-    cache = ctx.__dict__.setdefault("_teacher", {})
-    if path not in cache:
-        remote = "://" in path and not path.lower().endswith(".npz")
-        try:
-            with local_copy(epath.Path(path)) if remote else contextlib.nullcontext(path) as local:
-                loaded = load_checkpoint(
-                    local, num_heads=ctx.model_config.num_heads,
-                    preprocessing=ctx.config.init.get("preprocessing") or None)
-            check_teacher(ctx.model_config, loaded.config)
-        except (FileNotFoundError, ValueError, ImportError) as e:
-            raise UserError(f"config.init.checkpoint {path} as teacher: {e}") from None
-        cache[path] = (ctx.model(loaded.config), jax.device_get(loaded.params))
-    return cache[path]
-
-
-def distillation_setup(ctx: Context, student, train_config):
-    """(loss_fn, frozen teacher parameters, teacher name) distilling `student` from the init
-    checkpoint's dense model with train_config.distill / temperature."""
-    from vitjax.training.losses import distillation_loss
-
-    if not ctx.config.get("init", {}).get("checkpoint"):
-        raise UserError(f"config.train.distill={train_config.distill} needs a teacher: set "
-                        "config.init.checkpoint to the trained dense model, or "
-                        "--config.train.distill=0")
-    teacher, params = load_teacher(ctx)
-    try:
-        loss_fn = distillation_loss(student, teacher, weight=float(train_config.distill),
-                                    temperature=float(train_config.get("temperature", 1.0)))
-    except ValueError as e:
-        raise UserError(f"config.train: {e}") from None
-    return loss_fn, params, f"dense model of {ctx.config.init.checkpoint}"
-
-
 def dense_accuracy(ctx: Context) -> dict[str, float] | None:
     """The starting model's accuracy per evaluation set (None without a checkpoint that fits
     config.model's classes): what compressing it is measured against."""
-    from vitjax.evaluate import evaluate
 
     if not ctx.config.get("init", {}).get("checkpoint"):
         return None
@@ -155,14 +144,11 @@ def dense_accuracy(ctx: Context) -> dict[str, float] | None:
         teacher, params = load_teacher(ctx)
     except UserError:
         return None  # e.g. an ImageNet checkpoint that only initialises a 10-class model
-    return {name: evaluate(teacher, params, None, ctx.eval_batches(name)(), ctx.mesh)["accuracy"]
-            for name in ctx.datasets.eval_names}
+    return evaluate_accuracy(ctx, teacher, params)
 
 
 def run(ctx: Context) -> dict:
-    from vitjax.interop import save_native
     from vitjax.scoring import save_scores, score_model
-    from vitjax.training import train
 
     out = ctx.stage_dir("pretrain")
     config = ctx.config
@@ -178,37 +164,25 @@ def run(ctx: Context) -> dict:
     if config.train.get("target_gmacs") is None and ctx.target_gmacs is not None:
         config = config.copy_and_resolve_references()
         config.train.target_gmacs = ctx.target_gmacs
-    datasets = ctx.datasets
-    eval_sets = {name: ctx.eval_batches(name) for name in datasets.eval_names}
-    score_batch = int(config.get("score", {}).get("batch_size", 256))
+    score_batch = ctx.score_batch_size
     reference = dense_accuracy(ctx)
     if reference:
         print("[vitjax] pretrain: the dense model of config.init.checkpoint scores "
-              + ", ".join(f"{k} {v:.1%}" for k, v in reference.items()), flush=True)
+              + accuracy_text(reference), flush=True)
     student = ctx.model(train=True)
     loss_fn = frozen = teacher = None
     if float(config.train.get("distill", 0.0) or 0.0) > 0:
         loss_fn, frozen, teacher = distillation_setup(ctx, student, config.train)
-    result = train(
-        config, str(out), model=student, train_batches=StepBatches(datasets),
-        eval_sets=eval_sets, init_params=init_params, rank_fn=rank_fn,
-        score_batch=(ctx.train_images(score_batch, gather=False), None), mesh=ctx.mesh,
-        num_classes=datasets.num_classes, loss_fn=loss_fn, frozen=frozen,
-    )
-    if result.preempted:
-        raise UserError("pretraining was preempted; rerun the same command to resume")
+    result = train_model(
+        ctx, config, out, student, what="pretraining", init_params=init_params, rank_fn=rank_fn,
+        score_batch=(ctx.train_images(score_batch, gather=False), None), loss_fn=loss_fn,
+        frozen=frozen)
     ranks = jax.device_get(result.ranks) if result.ranks is not None else None
     params = jax.device_get(result.params)
     if ctx.is_main:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, SUPERNET_FILE)
-            save_native(local, ctx.model_config, params, preprocessing=ctx.preprocessing)
-            epath.Path(local).copy(out / (SUPERNET_FILE + ".tmp"), overwrite=True)
-            (out / (SUPERNET_FILE + ".tmp")).replace(out / SUPERNET_FILE)
+        save_weights(out / SUPERNET_FILE, ctx.model_config, params, ctx.preprocessing)
         if ranks is not None:
             save_scores(out / RANKS_FILE, ranks=ranks)
-    from vitjax.stages.prune import parameter_count
-
     return {"metrics": result.metrics, "dense_gmacs": ctx.dense_gmacs, "steps": result.step,
             "init_accuracy": reference, "teacher": teacher,
             "params": parameter_count(params), "supernet": str(out / SUPERNET_FILE),

@@ -9,9 +9,6 @@ same logits), and evaluated without finetuning.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +17,7 @@ from etils import epath
 from vitjax import workdir as workdir_lib
 from vitjax.errors import UserError
 from vitjax.stages.context import Context
+from vitjax.stages.kit import accuracy_text, evaluate_accuracy, parameter_count, save_weights
 
 PRUNED_FILE = "pruned.safetensors"
 
@@ -66,22 +64,6 @@ def policy_warnings(ctx: Context, policy) -> list[str]:
     return problems
 
 
-def parameter_count(params) -> int:
-    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
-
-
-def save_model(path: epath.Path, config, params, preprocessing=None) -> None:
-    """vitjax's weight file, written locally then copied (works for gs:// workdirs);
-    `preprocessing`: the input normalisation it was trained with (Context.preprocessing)."""
-    from vitjax.interop import save_native
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, path.name)
-        save_native(local, config, params, preprocessing=preprocessing)
-        epath.Path(local).copy(path.parent / (path.name + ".tmp"), overwrite=True)
-        (path.parent / (path.name + ".tmp")).replace(path)
-
-
 def compare_with_masked(model_config, supernet, masks, pruned_config, pruned_params,
                         images) -> tuple[float, float]:
     """(max |masked supernet logits - pruned model logits|, the allowed difference).
@@ -105,7 +87,6 @@ def compare_with_masked(model_config, supernet, masks, pruned_config, pruned_par
 
 
 def run(ctx: Context) -> dict:
-    from vitjax.evaluate import evaluate
     from vitjax.pruning import count_flops, prune_params
     from vitjax.pruning.masks import masks_from_ranks
 
@@ -113,7 +94,7 @@ def run(ctx: Context) -> dict:
     policy, source = chosen_policy(ctx)
     round_to = int(ctx.config.get("prune", {}).get("round_to", 0) or 0)
     if round_to:
-        from vitjax.export.rounding import round_policy_to_multiple
+        from vitjax.pruning.rounding import round_policy_to_multiple
 
         policy = round_policy_to_multiple(ctx.model_config, policy, round_to,
                                           ctx.target_gmacs or ctx.dense_gmacs)
@@ -137,14 +118,10 @@ def run(ctx: Context) -> dict:
             f"this policy ({source}) is wrong, a bug in vitjax to report; nothing was written "
             "and the results of the earlier stages are kept")
 
-    accuracy = {}
-    for name in ctx.datasets.eval_names:
-        result = evaluate(ctx.model(pruned_config), pruned_params, None,
-                          ctx.eval_batches(name)(), ctx.mesh)
-        accuracy[name] = result["accuracy"]
+    accuracy = evaluate_accuracy(ctx, ctx.model(pruned_config), pruned_params)
     dense_gmacs, pruned_gmacs = ctx.dense_gmacs, count_flops(pruned_config).total
     if ctx.is_main:
-        save_model(out / PRUNED_FILE, pruned_config, pruned_params, ctx.preprocessing)
+        save_weights(out / PRUNED_FILE, pruned_config, pruned_params, ctx.preprocessing)
         workdir_lib.write_text(out / "architecture.json", pruned_config.to_json())
         workdir_lib.write_text(out / "policy.json", policy.to_json())
     summary = {
@@ -159,5 +136,5 @@ def run(ctx: Context) -> dict:
     print(f"[vitjax] prune: {pruned_gmacs:.4g} of {dense_gmacs:.4g} GMACs "
           f"({summary['flops_reduction']:.1%} fewer), {summary['pruned_params']:,} of "
           f"{summary['dense_params']:,} parameters; accuracy before finetuning "
-          + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()), flush=True)
+          + accuracy_text(accuracy), flush=True)
     return summary

@@ -9,11 +9,14 @@ images/s); GP search vs random search vs the authors' method (Table 5); the crit
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
 from vitjax import workdir as workdir_lib
-from vitjax.stages.context import Context, local_copy
+from vitjax.stages.context import Context
+from vitjax.stages.kit import load_weights, parameter_count
 
 
 def _done(ctx: Context, stage: str) -> dict | None:
@@ -28,7 +31,7 @@ def throughput(models: dict, image_size: int, batches=(1, 64), *, rounds: int = 
     repeatedly for `seconds` in turn (A B C A B C ...), so a change of machine load hits all
     of them alike; the median round per model. One process: a quick, fair reading for the
     report; `benchmarks/pruned_speedup.py` is the separate-process measurement."""
-    from vitjax.export.timing import timed_calls
+    from vitjax.bench.timing import alternate_rounds, rate
 
     forwards = {name: (jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)[0]),
                        jax.device_put(params))
@@ -37,16 +40,13 @@ def throughput(models: dict, image_size: int, batches=(1, 64), *, rounds: int = 
     for batch in batches:
         images = np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3))
         images = jax.device_put(images.astype(np.float32))
-        calls = {}
+        measures = {}
         for name, (forward, params) in forwards.items():
             forward(params, images).block_until_ready()  # compile
-            calls[name] = lambda forward=forward, params=params, images=images: \
-                forward(params, images).block_until_ready()
-        samples: dict = {name: [] for name in models}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                n, elapsed = timed_calls(call, seconds)
-                samples[name].append(batch * n / elapsed)
+            call = functools.partial(lambda f, p, x: f(p, x).block_until_ready(), forward,
+                                     params, images)
+            measures[name] = functools.partial(rate, call, batch, seconds)
+        samples = alternate_rounds(measures, rounds)
         for name in models:
             out[name][batch] = float(np.median(samples[name]))
     return out
@@ -57,8 +57,7 @@ def _pct(value) -> str:
 
 
 def run(ctx: Context) -> dict:
-    from vitjax.interop import load_native
-    from vitjax.stages.prune import PRUNED_FILE, parameter_count
+    from vitjax.stages.prune import PRUNED_FILE
 
     out = ctx.stage_dir("report")
     done = {s: _done(ctx, s) for s in ("pretrain", "score", "criteria", "search", "ablation",
@@ -82,8 +81,8 @@ def run(ctx: Context) -> dict:
     if done["pretrain"]:
         contenders["dense"] = (ctx.model(), supernet)
     if done["prune"]:
-        with local_copy(ctx.workdir / "prune" / PRUNED_FILE) as local:
-            pruned_config, pruned_params = load_native(local)
+        pruned_config, pruned_params = load_weights(ctx.workdir / "prune" / PRUNED_FILE,
+                                                    "prune")
         contenders["pruned"] = (ctx.model(pruned_config), pruned_params)
     compare_methods = (done["compare"] or {}).get("methods") or {}
     if compare_methods:
@@ -338,12 +337,7 @@ def plot_front(points, path) -> None:
     for label, gmacs, acc in points:
         if label in markers and acc is not None:
             ax.plot([gmacs], [100 * acc], markers[label], markersize=10, label=label)
-    ax.set_xlabel("GMACs")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    workdir_lib.save_figure(fig, path)
+    workdir_lib.save_plot(fig, ax, path, "GMACs", "accuracy (%)")
 
 
 def expand_table(ctx: Context, expand, done: dict, split: str) -> list[str]:

@@ -17,7 +17,7 @@ def run(ctx: Context) -> dict:
 
     out = ctx.stage_dir("score")
     params = ctx.load_supernet()
-    batch = int(ctx.config.get("score", {}).get("batch_size", 256))
+    batch = ctx.score_batch_size
     images = jnp.asarray(ctx.train_images(batch))
     started = time.perf_counter()
     scores = score_model(ctx.model(), params, images, config=ctx.score_config())

@@ -212,12 +212,7 @@ def plot_progress(results: dict, path) -> None:
         values = np.array([e.value for e in result.history])
         line, = ax.plot(np.maximum.accumulate(values), label=f"{method}: best so far")
         ax.scatter(np.arange(len(values)), values, s=6, alpha=0.4, color=line.get_color())
-    ax.set_xlabel("evaluation")
-    ax.set_ylabel("hold-out objective")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    workdir_lib.save_figure(fig, path)
+    workdir_lib.save_plot(fig, ax, path, "evaluation", "hold-out objective")
 
 
 def per_layer_flops_reduction(config, policy) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Training: supernet pretraining with sampled policies, finetuning, optimizer, checkpoints."""
 
-from vitjax.training.batches import ArrayBatches
+from vitjax.data.mixup import MixConfig
+from vitjax.training.batches import ArrayBatches, StepBatches
 from vitjax.training.checkpoint import Checkpointer, CheckpointError, PreemptionWatch
 from vitjax.training.config import (
     default_distributed_config,
@@ -8,19 +9,15 @@ from vitjax.training.config import (
     default_train_config,
     deit_train_config,
 )
+from vitjax.training.losses import classification_loss
 from vitjax.training.optim import make_optimizer, weight_decay_mask
-from vitjax.training.steps import (
-    MixConfig,
-    StepConfig,
-    TrainState,
-    classification_loss,
-    train_step,
-)
+from vitjax.training.steps import StepConfig, TrainState, train_step
 from vitjax.training.supernet import PolicySampler, fixed_eval_policies
 from vitjax.training.train import Trainer, TrainResult, train
 
 __all__ = [
-    "ArrayBatches", "Checkpointer", "CheckpointError", "PreemptionWatch", "deit_train_config",
+    "ArrayBatches", "StepBatches", "Checkpointer", "CheckpointError", "PreemptionWatch",
+    "deit_train_config",
     "default_distributed_config", "default_mesh_config", "default_train_config",
     "make_optimizer", "weight_decay_mask", "PolicySampler", "fixed_eval_policies", "Trainer",
     "TrainResult", "TrainState", "MixConfig", "StepConfig", "classification_loss", "train",

@@ -1,4 +1,5 @@
-"""A small deterministic batcher over in-memory arrays (digits, tests).
+"""The trainer's batch sources: `ArrayBatches`, a small deterministic batcher over in-memory
+arrays (tests, tools), and `StepBatches` over the data pipeline's train stream (the stages).
 
 The trainer's data boundary is `train_batches(step) -> (images, labels)`: this process's rows of
 the global batch of step `step` (see `vitjax.parallel.local_batch_slice`). Batches are a pure
@@ -45,3 +46,22 @@ class ArrayBatches:
     def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         idx = self.indices(step)[self.rows]
         return self.images[idx], self.labels[idx]
+
+
+class StepBatches:
+    """`step -> (images, labels)` over the data pipeline's sequential train stream
+    (`vitjax.data.Datasets`): the trainer asks for consecutive steps, and a jump (a resumed run)
+    restarts the stream at that step. Mixing (mixup/cutmix) happens in the jitted step, on
+    device."""
+
+    def __init__(self, datasets):
+        self._datasets = datasets
+        self._next_step: int | None = None
+        self._iterator = None
+
+    def __call__(self, step: int):
+        if self._iterator is None or step != self._next_step:
+            self._iterator = iter(self._datasets.train_batches(step))
+        batch = next(self._iterator)
+        self._next_step = step + 1
+        return batch["image"], batch["label"]

@@ -1,19 +1,55 @@
-"""Losses beyond plain cross-entropy, in the `vitjax.training.steps` loss interface.
+"""The losses of every trainer, built from a few composable terms.
 
-Knowledge distillation is one term, `logit_distillation`, that every loss with a teacher adds:
-the supernet and the finetuning of the pruned model (`distillation_loss`, teacher = the frozen
-dense model), and DynamicViT (`vitjax.dynamicvit.losses`).
+Terms (pure functions of logits): `cross_entropy` on the step's soft targets (mixed and
+smoothed by `vitjax.data.mixup.mix_batch`), `accuracy` against the hard labels, and
+`logit_distillation` from a frozen teacher. Losses (the `train_step` interface below) add them
+up: `classification_loss` (supernet training and finetuning), `distillation_loss` (the same
+with the dense model as teacher); DynamicViT (`vitjax.dynamicvit.losses`) and movement pruning
+(`vitjax.blockprune.movement`) add their own terms to the same ones.
+
+    loss_fn(params, frozen, batch, masks, rng) -> (scalar loss, {name: scalar metric})
+
+batch: {'image' [B, H, W, C], 'target' [B, C] soft labels, 'label' [B] int (argmax target)}.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from vitjax.models.config import ViTConfig
-from vitjax.models.vit import ViT
-from vitjax.training.steps import LossFn
+if TYPE_CHECKING:
+    from vitjax.models.config import ViTConfig
+    from vitjax.models.vit import Masks, ViT
+
+LossFn = Callable[[Any, Any, dict, "Masks | None", jax.Array], tuple[jax.Array, dict]]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Softmax cross-entropy on soft targets [B, C], averaged over the batch."""
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Top-1 accuracy of logits [B, C] against int labels [B]."""
+    return (jnp.argmax(logits, axis=-1) == labels).mean()
+
+
+def classification_loss(model: ViT) -> LossFn:
+    """`cross_entropy` of `model` (under the step's masks): supernet training and finetuning."""
+
+    def loss_fn(params, frozen, batch, masks, rng):
+        del frozen
+        logits, _ = model.apply(
+            {"params": params}, batch["image"], masks=masks, train=True, rngs={"dropout": rng}
+        )
+        return cross_entropy(logits, batch["target"]), {
+            "accuracy": accuracy(logits, batch["label"])}
+
+    return loss_fn
 
 # What a teacher must share with its student for logit distillation on the same batch: the
 # same classes (the KL compares their distributions) and the same images (size, patch grid).
@@ -56,9 +92,9 @@ def distillation_loss(student: ViT, teacher: ViT, *, weight: float = 0.5,
         logits, _ = student.apply({"params": params}, batch["image"], masks=masks, train=True,
                                   rngs={"dropout": rng})
         teacher_logits, _ = teacher.apply({"params": frozen}, batch["image"], train=False)
-        hard = optax.softmax_cross_entropy(logits, batch["target"]).mean()
+        hard = cross_entropy(logits, batch["target"])
         soft = logit_distillation(logits, teacher_logits, temperature)
-        accuracy = (jnp.argmax(logits, axis=-1) == batch["label"]).mean()
-        return (1.0 - weight) * hard + weight * soft, {"accuracy": accuracy, "distill": soft}
+        return (1.0 - weight) * hard + weight * soft, {
+            "accuracy": accuracy(logits, batch["label"]), "distill": soft}
 
     return loss_fn

@@ -5,23 +5,18 @@ so `jax.jit(functools.partial(train_step, config=..., loss_fn=...))` compiles on
 every policy: policies arrive as keep counts [K, L] (K sub-networks per step, e.g. the sandwich
 rule's sampled + dense + smallest) and become masks inside the step from the state's ranks.
 
-The loss is the seam between systems: supernet training and finetuning use
-`classification_loss(model)`; knowledge distillation, DynamicViT (predictor parameters,
-keep-ratio and distillation losses) and block pruning (learned mask scores) supply their own.
-A loss sees the trainable `params` (any pytree: extra trainable collections live beside the
-ViT's), the non-trainable `frozen` pytree of the state (e.g. a teacher's parameters), the
-batch and the masks.
-
-    loss_fn(params, frozen, batch, masks, rng) -> (scalar loss, {name: scalar metric})
-
-batch: {'image' [B, H, W, C], 'target' [B, C] soft labels, 'label' [B] int (argmax target)}.
-Mixup/CutMix and label smoothing run inside the step on the global batch, on device.
+The loss is the seam between systems (`vitjax.training.losses`: its interface and terms):
+supernet training and finetuning use `classification_loss(model)`; knowledge distillation,
+DynamicViT (predictor parameters, keep-ratio and distillation losses) and block pruning (learned
+mask scores) supply their own. A loss sees the trainable `params` (any pytree: extra trainable
+collections live beside the ViT's), the non-trainable `frozen` pytree of the state (e.g. a
+teacher's parameters), the batch and the masks. Mixup/CutMix and label smoothing
+(`vitjax.data.mixup.mix_batch`) run inside the step on the global batch, on device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,12 +24,14 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from vitjax.data import mixup
+from vitjax.data.mixup import MixConfig, mix_batch
 from vitjax.models.vit import Masks, ViT
 from vitjax.pruning.masks import Ranks, masks_from_ranks
 from vitjax.pruning.policy import KeepCounts
+from vitjax.training.losses import LossFn, classification_loss
 
-LossFn = Callable[[Any, Any, dict, "Masks | None", jax.Array], tuple[jax.Array, dict]]
+__all__ = ["LossFn", "MixConfig", "StepConfig", "TrainState", "build_masks",
+           "classification_loss", "keep_counts_row", "train_step"]
 
 
 class TrainState(train_state.TrainState):
@@ -53,53 +50,13 @@ class TrainState(train_state.TrainState):
 
 
 @dataclasses.dataclass(frozen=True)
-class MixConfig:
-    """Mixup/CutMix settings (static); alphas 0 disable mixing."""
-
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    prob: float = 1.0
-    switch_prob: float = 0.5
-    label_smoothing: float = 0.0
-
-    @classmethod
-    def from_augment(cls, augment) -> MixConfig | None:
-        """From `config.augment`; None when it mixes nothing."""
-        if augment is None:
-            return None
-        mix = cls(
-            mixup=float(augment.get("mixup", 0.0)), cutmix=float(augment.get("cutmix", 0.0)),
-            prob=float(augment.get("mix_prob", 1.0)),
-            switch_prob=float(augment.get("switch_prob", 0.5)),
-            label_smoothing=float(augment.get("label_smoothing", 0.0)),
-        )
-        return mix if max(mix.mixup, mix.cutmix) > 0 else None
-
-
-@dataclasses.dataclass(frozen=True)
 class StepConfig:
     """The static part of a training step."""
 
     model: ViT  # the (dense or pruned) model; its config builds the masks
     num_classes: int
     token_mode: str = "attention"  # 'attention' | 'static' (see masks_from_ranks)
-    label_smoothing: float = 0.0  # when not mixing (mixing carries its own smoothing)
-    mix: MixConfig | None = None
-
-
-def classification_loss(model: ViT) -> LossFn:
-    """Softmax cross-entropy of `model` on soft targets: supernet training and finetuning."""
-
-    def loss_fn(params, frozen, batch, masks, rng):
-        del frozen
-        logits, _ = model.apply(
-            {"params": params}, batch["image"], masks=masks, train=True, rngs={"dropout": rng}
-        )
-        loss = optax.softmax_cross_entropy(logits, batch["target"]).mean()
-        accuracy = (jnp.argmax(logits, axis=-1) == batch["label"]).mean()
-        return loss, {"accuracy": accuracy}
-
-    return loss_fn
+    mix: MixConfig = MixConfig()  # mixing and label smoothing of the targets
 
 
 def keep_counts_row(keep: dict[str, jax.Array], index: int | None = None) -> KeepCounts:
@@ -120,18 +77,6 @@ def build_masks(model: ViT, ranks: dict | Ranks | None, keep: KeepCounts | None,
     return masks_from_ranks(model.config, ranks, keep, token_mode)
 
 
-def make_targets(config: StepConfig, key: jax.Array, images, labels):
-    """(images, soft targets [B, C]) after on-device mixing and label smoothing."""
-    if config.mix is not None:
-        mix = config.mix
-        return mixup.mixup_cutmix(
-            key, images, labels, num_classes=config.num_classes, mixup_alpha=mix.mixup,
-            cutmix_alpha=mix.cutmix, prob=mix.prob, switch_prob=mix.switch_prob,
-            label_smoothing=mix.label_smoothing,
-        )
-    return images, mixup.smooth_labels(labels, config.num_classes, config.label_smoothing)
-
-
 def train_step(state: TrainState, images, labels, keep, *, config: StepConfig,
                loss_fn: LossFn, schedule: optax.Schedule | None = None):
     """One optimizer step; keep: {'head'|'neuron'|'token': int32 [K, L]} or None (no masks).
@@ -142,7 +87,7 @@ def train_step(state: TrainState, images, labels, keep, *, config: StepConfig,
     base = jax.random.wrap_key_data(state.rng)
     step_key = jax.random.fold_in(base, state.step)
     mix_key, dropout_key = jax.random.split(step_key)
-    images, targets = make_targets(config, mix_key, images, labels)
+    images, targets = mix_batch(mix_key, images, labels, config.mix, config.num_classes)
     batch = {"image": images, "target": targets, "label": jnp.argmax(targets, axis=-1)}
     subnets = 1 if keep is None else keep["head"].shape[0]
 

@@ -13,16 +13,10 @@ import numpy as np
 
 from vitjax.models.config import ViTConfig
 from vitjax.pruning.flops import count_flops, count_flops_batch
-from vitjax.pruning.policy import Policy, SamplingSpace, calibrated_space, policy_rng, sample_policy
+from vitjax.pruning.policy import Policy
+from vitjax.pruning.sampling import policy_rng, sample_policy, sampling_space
 
 KEEP_FIELDS = ("head", "neuron", "token")
-
-
-def sampling_space(config: ViTConfig, target_gmacs: float | None) -> SamplingSpace:
-    """The box `sample_policy` draws from (calibrated to the target when there is one)."""
-    if target_gmacs is not None and target_gmacs < count_flops(config).total:
-        return calibrated_space(config, float(target_gmacs))
-    return SamplingSpace()
 
 
 def smallest_policy(config: ViTConfig, target_gmacs: float | None) -> Policy:

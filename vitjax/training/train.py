@@ -30,21 +30,16 @@ import numpy as np
 from clu import periodic_actions
 from etils import epath
 
+from vitjax.data.mixup import MixConfig
 from vitjax.evaluate import evaluate
 from vitjax.models.vit import ViT
 from vitjax.parallel import mesh as mesh_lib
 from vitjax.pruning.masks import Ranks, identity_ranks
 from vitjax.training import checkpoint as ckpt_lib
 from vitjax.training import metrics as metrics_lib
+from vitjax.training.losses import LossFn, classification_loss
 from vitjax.training.optim import make_optimizer
-from vitjax.training.steps import (
-    LossFn,
-    MixConfig,
-    StepConfig,
-    TrainState,
-    classification_loss,
-    train_step,
-)
+from vitjax.training.steps import StepConfig, TrainState, train_step
 from vitjax.training.supernet import PolicySampler, fixed_eval_policies, stack_keep_counts
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -110,8 +105,8 @@ class Trainer:
             model=self.model,
             num_classes=int(num_classes or max(self.config.num_classes, 1)),
             token_mode=self.token_mode,
-            label_smoothing=float(train_config.get("label_smoothing", 0.0)),
-            mix=MixConfig.from_augment(augment_config),
+            mix=MixConfig.from_config(augment_config,
+                                      float(train_config.get("label_smoothing", 0.0))),
         )
         mesh_config = dict(mesh_config or {})
         self._fsdp = dict(

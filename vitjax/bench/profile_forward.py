@@ -1,9 +1,9 @@
 """Where the dense ViT forward pass (or training step) spends its CPU time under XLA:CPU.
 
-    python -m vitjax.export.profile_forward                      # DeiT-S, batch 32, both parts
-    python -m vitjax.export.profile_forward --part=trace --runs=3
-    python -m vitjax.export.profile_forward --part=ablate --reps=5 --seconds=2
-    python -m vitjax.export.profile_forward --step --runs=2      # the training step's trace
+    python -m vitjax.bench.profile_forward                      # DeiT-S, batch 32, both parts
+    python -m vitjax.bench.profile_forward --part=trace --runs=3
+    python -m vitjax.bench.profile_forward --part=ablate --reps=5 --seconds=2
+    python -m vitjax.bench.profile_forward --step --runs=2      # the training step's trace
 
 Part 'trace': `jax.jit(f).lower(...).compile()`, then `jax.profiler.trace` of a few calls; the
 time of every executed thunk (one per XLA fusion / op, on XLA's worker threads) is summed per
@@ -11,11 +11,12 @@ model op (the fusion's root op, block index removed, e.g. 'mlp/dot_general') and
 the costly elementwise ops fused into it (erf: GELU, exponential: softmax, rsqrt: LayerNorm,
 transpose). Times are CPU time summed over threads.
 
-`--step` traces a whole training step instead (cross-entropy, `jax.value_and_grad`, AdamW, the
-state donated) as `benchmarks/dense_vs_timm.py` times it; backward ops read 'transpose(jvp(...))'.
+`--step` traces the pipeline's own training step instead (`vitjax.training.Trainer.train_step`:
+label-smoothed cross-entropy, `jax.value_and_grad`, AdamW, the state donated), dense, as
+finetuning runs it; backward ops read 'transpose(jvp(...))'.
 
 Part 'ablate': the same forward with one op made free, timed against the full model, each in
-its own process, alternating (vitjax.export.timing): transposes become bitcasts (reshape),
+its own process, alternating (vitjax.bench.timing): transposes become bitcasts (reshape),
 `erf` (GELU) or `exp` (softmax) become the identity, LayerNorm returns its input. The time saved
 is an upper bound of what a better implementation of that op could gain.
 """
@@ -112,36 +113,32 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 
 def build_step(variant: str, batch: int):
-    """(call, compiled) of one dense AdamW training step on random data; call() runs a step."""
+    """(call, compiled) of the pipeline's own training step (`vitjax.training.Trainer`, i.e.
+    `vitjax.training.steps.train_step` with the default recipe: cross-entropy with label
+    smoothing, AdamW, the state donated) on the dense model and random data, one device, no
+    policy sampling: what finetuning runs. call() runs a step."""
     import jax
-    import jax.numpy as jnp
-    import optax
+    import numpy as np
 
-    from vitjax.models import ViT, ViTConfig, init_params
+    from vitjax.models import ViT, ViTConfig
+    from vitjax.parallel import local_to_global, make_mesh
+    from vitjax.training import Trainer, default_train_config
 
     config = ViTConfig.from_variant(f"{variant}/16", num_classes=1000, image_size=224)
-    model = ViT(config)
-    params = init_params(model, jax.random.key(0))
-    images = jax.random.normal(jax.random.key(1), (batch, 224, 224, 3), jnp.float32)
-    labels = jax.random.randint(jax.random.key(2), (batch,), 0, 1000)
-    tx = optax.adamw(1e-4, weight_decay=0.05)
-
-    def loss_fn(p, x, y):
-        logits, _ = model.apply({"params": p}, x, train=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def step(state, x, y):
-        p, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), loss
-
-    state = [(params, tx.init(params))]
-    compiled = jax.jit(step, donate_argnums=0).lower(state[0], images, labels).compile()
+    train_config = default_train_config()
+    train_config.update(steps=1000, warmup_steps=10, sample_policies=False)
+    mesh = make_mesh({"data": 1, "model": 1})
+    trainer = Trainer(ViT(config), train_config, mesh)
+    rng = np.random.default_rng(0)
+    images = local_to_global(rng.normal(size=(batch, 224, 224, 3)).astype(np.float32), mesh,
+                             batch)
+    labels = local_to_global(rng.integers(0, 1000, batch).astype(np.int32), mesh, batch)
+    state = [trainer.create_state(seed=0)]
+    compiled = trainer.train_step.lower(state[0], images, labels, None).compile()
 
     def call():
-        state[0], loss = compiled(state[0], images, labels)
-        loss.block_until_ready()
+        state[0], metrics = compiled(state[0], images, labels, None)
+        jax.block_until_ready(metrics)
 
     return call, compiled
 
@@ -217,11 +214,11 @@ def _kind(op: str, flags: str) -> str:
 
 
 def ablate(variant: str, batch: int, reps: int, seconds: float) -> None:
-    from vitjax.export import timing
+    from vitjax.bench import timing
 
     def worker(ablation):
         spec = json.dumps({"variant": variant, "batch": batch, "ablation": ablation})
-        argv = [sys.executable, "-m", "vitjax.export.profile_forward", "--worker", spec]
+        argv = [sys.executable, "-m", "vitjax.bench.profile_forward", "--worker", spec]
         return timing.Worker(ablation or "full", argv)
 
     workers = [worker(None)]
@@ -252,13 +249,13 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        from vitjax.export import timing
+        from vitjax.bench import timing
 
         spec = json.loads(args.worker)
         forward, params, images = build(spec["variant"], spec["batch"], spec["ablation"])
         timing.serve(lambda: forward(params, images).block_until_ready(), spec["batch"])
         return 0
-    from vitjax.export import timing
+    from vitjax.bench import timing
 
     if args.step and args.part == "ablate":
         parser.error("--step profiles the training step with --part=trace only")

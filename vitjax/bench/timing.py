@@ -13,6 +13,12 @@ module as follows:
 A worker builds its contender, warms it up (compilation, allocation), says it is ready, and then
 runs only when the parent asks it to, so at most one contender computes at any time.
 
+Inside one process (the report's quick reading, step-time ratios of two jitted steps):
+
+    samples = alternate_rounds({"dense": measure_a, "pruned": measure_b}, rounds=5)
+
+where each `measure()` returns one sample (e.g. `rate(run_once, items, seconds)`), in turn.
+
 A worker may also serve several tasks (e.g. one model at three batch sizes, or its forward pass
 and its training step), so that one process compiles them all:
 
@@ -22,6 +28,7 @@ and its training step), so that one process compiles them all:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -173,15 +180,43 @@ def timed_calls(run_once: Callable[[], object], seconds: float) -> tuple[int, fl
             return calls, elapsed
 
 
+def alternate_rounds(measures: Mapping[str, Callable[[], float]], rounds: int
+                     ) -> dict[str, list[float]]:
+    """`rounds` rounds in which every contender's `measure()` takes one sample in turn
+    (A B C A B C ...), so a change of machine load hits all of them alike; the samples per
+    name. The one alternation loop: `alternate` runs it over worker processes."""
+    samples: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            samples[name].append(measure())
+    return samples
+
+
+def rate(run_once: Callable[[], object], items_per_call: int, seconds: float) -> float:
+    """Items per second of `run_once` (blocking) called repeatedly for about `seconds`."""
+    calls, elapsed = timed_calls(run_once, seconds)
+    return calls * items_per_call / elapsed
+
+
+def seconds_of(run_once: Callable[[], object], repeats: int = 1) -> float:
+    """Wall seconds of one call of `run_once` (blocking): the best of `repeats`."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_once()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def alternate(workers: Sequence[Worker], reps: int, seconds: float) -> dict[str, list[float]]:
     """`reps` rounds in which every worker runs for `seconds` in turn (A B A B ...); returns
     items per second of every round, per worker name."""
-    samples: dict[str, list[float]] = {w.name: [] for w in workers}
-    for _ in range(reps):
-        for worker in workers:
-            calls, elapsed = worker.run_for(seconds)
-            samples[worker.name].append(calls * worker.info["items_per_call"] / elapsed)
-    return samples
+
+    def measure(worker):
+        calls, elapsed = worker.run_for(seconds)
+        return calls * worker.info["items_per_call"] / elapsed
+
+    return alternate_rounds({w.name: functools.partial(measure, w) for w in workers}, reps)
 
 
 def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
