@@ -44,6 +44,8 @@ CONFIG_CASES = {
     "resume overrides": ({"train.resume_overrides": "lr,model"}, "resume_overrides names"),
     "stage name": ({"stages": "pretrain,bogus"}, "unknown stage(s) ['bogus']"),
     "missing input stage": ({"stages": "score"}, "run the pretrain stage first"),
+    "label smoothing moved": ({"augment.label_smoothing": 0.1},
+                              "config.augment.label_smoothing is no longer read"),
 }
 
 

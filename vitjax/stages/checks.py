@@ -66,6 +66,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     require(remat_policy in REMAT_POLICIES,
             f"config.model.remat_policy={remat_policy!r}: choose one of "
             f"{', '.join(REMAT_POLICIES)}")
+    # A config written before label smoothing had one home would otherwise be silently ignored.
+    require("augment" not in config or "label_smoothing" not in config.augment,
+            "config.augment.label_smoothing is no longer read: label smoothing is the loss's, "
+            "set config.train.label_smoothing (finetune and compare take it from there too)")
     for stage in STAGES.values():
         if stage.check is not None:
             stage.check(config)
