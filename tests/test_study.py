@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_stages import load_config, tiny_digits
+from tiny import load_config, tiny_digits
 
 from vitjax.errors import UserError
 from vitjax.interop import load_native
