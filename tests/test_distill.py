@@ -182,7 +182,7 @@ def test_config_arguments_select_the_recipe():
 def test_the_shipped_reference_states_the_digits_normalisation():
     """The reference is a timm state dict trained on digits statistics, not ImageNet's: its
     header says so, so the main command neither assumes ImageNet nor warns."""
-    from test_stages import load_config
+    from tiny import load_config
 
     from vitjax.interop import load_checkpoint
 
