@@ -26,3 +26,99 @@ try:
     import timm  # noqa: F401
 except ImportError:
     pass
+
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- shared tiny models (tests/tiny.py defines them) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    """(ViT, params, images) of tiny.TINY with perturbed parameters, built once per process."""
+    from tiny import perturbed
+
+    return perturbed()
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory):
+    """A workdir where tiny.tiny_digits()'s pretrain stage has finished. Read-only: use
+    `pretrained_copy`, which the runner accepts as the same finished stage for any config whose
+    model, data and training keys are tiny_digits()'s."""
+    from tiny import tiny_digits
+
+    from vitjax.stages import runner
+
+    path = tmp_path_factory.mktemp("tiny_pretrained") / "run"
+    config = tiny_digits()
+    config.stages = "pretrain"
+    runner.run_pipeline(config, path)
+    return path
+
+
+@pytest.fixture
+def pretrained_copy(tiny_pretrained, tmp_path):
+    """A private copy of `tiny_pretrained` (tmp_path / 'run') to run later stages in."""
+    return Path(shutil.copytree(tiny_pretrained, tmp_path / "run"))
+
+
+# --- the command line in process ---------------------------------------------------------------
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch, capfd):
+    """`python -m vitjax.main ARGS` run in this process: (returncode, stdout, stderr).
+
+    vitjax.main ends a failed run with os._exit (no interpreter teardown); here that raises
+    SystemExit instead, and capfd captures what the command printed at the file-descriptor
+    level (absl, TensorFlow and XLA's C++ logging included). The tests marked `subprocess` run
+    the real process."""
+    from absl import flags
+
+    import vitjax.main as main_lib
+
+    def exit_now(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(main_lib.os, "_exit", exit_now)
+    monkeypatch.chdir(REPO)
+
+    def forget_the_last_command():
+        # absl keeps the last values, and the --config.<field> flags that ml_collections
+        # registered for the last command's overrides (registering them again is an error).
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+
+    def run(*args) -> CliResult:
+        argv = [sys.executable, *args]
+        # ml_collections reads the --config.<field> overrides from sys.argv itself.
+        monkeypatch.setattr(sys, "argv", argv)
+        forget_the_last_command()
+        capfd.readouterr()
+        try:
+            main_lib.main(main_lib._parse_flags(argv))
+            status = 0
+        except SystemExit as e:
+            status = e.code
+        finally:
+            forget_the_last_command()
+        out, err = capfd.readouterr()
+        return CliResult(status, out, err)
+
+    return run

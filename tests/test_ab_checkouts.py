@@ -4,6 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+# Each test times checkouts in processes of their own: that is what the tool does.
+pytestmark = pytest.mark.subprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "ab_checkouts.py")
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "accelerator.py"
 # On the accelerator machines only jax, flax, optax, orbax, chex, einops, torch and timm (and
@@ -45,6 +47,7 @@ def _env(tmp_path) -> dict:
     return dict(os.environ, PYTHONPATH=path)
 
 
+@pytest.mark.subprocess
 def test_import_chain_has_no_tensorflow(tmp_path):
     code = """
 import importlib, sys
@@ -71,6 +74,8 @@ print("clean")
     assert "clean" in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_smoke_run_prints_one_table_and_writes_json(tmp_path):
     out = tmp_path / "acc.json"
     result = subprocess.run(

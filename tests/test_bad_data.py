@@ -248,6 +248,7 @@ def bad_folder(tmp_path):
     return root
 
 
+@pytest.mark.subprocess
 def test_undecodable_image_ends_the_run_with_its_path(tmp_path, bad_folder):
     """In a subprocess, as `vitjax.main` runs it: the error names the file and the process
     exits at once, although other tf.data iterators are still alive (before the fix, a Python

@@ -1,7 +1,8 @@
 """User mistakes end in one line naming the problem, exit status 2, and nothing half-written.
 
 In process where possible (`run_pipeline` raises `UserError`, which `vitjax.main` prints as one
-line with exit status 2); the command-line cases run `python -m vitjax.main`. The data-side
+line with exit status 2; the command-line cases run `vitjax.main` in process too); the tests
+marked `subprocess` run `python -m vitjax.main`. The data-side
 cases (bad images, missing folders, ImageNet preparation) are in tests/test_bad_data.py.
 """
 
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_stages import load_config, tiny_digits  # noqa: I001  (tests/ is on sys.path)
+from tiny import load_config, tiny_digits  # noqa: I001  (tests/ is on sys.path)
 
 from vitjax.errors import UserError
 from vitjax.stages import checks, runner
@@ -143,7 +144,7 @@ def _assert_one_line_error(result, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
-@pytest.mark.parametrize("args, message", [
+COMMAND_LINE_CASES = [
     (["--config=configs/nope.py"], "no such config file: configs/nope.py"),
     (["--config=configs/digits.py", "--config.trian.steps=5"],
      "no config field 'trian'; Did you mean \"train\""),
@@ -151,25 +152,35 @@ def _assert_one_line_error(result, message):
     (["--config.train.steps=5"], "--config is required"),
     (["--config=configs/digits.py:bogus"], "config argument 'bogus': expected 'distilled'"),
     (["--config=configs/digits.py:expand=0.5"], "expand=0.5: the width factor must be > 1"),
-])
-def test_command_line_mistakes(tmp_path, args, message):
-    result = _cli(*args, f"--workdir={tmp_path / 'run'}")
+]
+
+
+@pytest.mark.parametrize("args, message", COMMAND_LINE_CASES)
+def test_command_line_mistakes(tmp_path, cli_in_process, args, message):
+    result = cli_in_process(*args, f"--workdir={tmp_path / 'run'}")
     _assert_one_line_error(result, message)
     assert not (tmp_path / "run").exists()
 
 
-def test_damaged_checkpoint_is_one_line(tmp_path):
+@pytest.mark.subprocess
+def test_command_line_mistake_in_its_own_process(tmp_path):
+    """The real command: one line on stderr and exit status 2 from the process itself."""
+    args, message = COMMAND_LINE_CASES[1]
+    _assert_one_line_error(_cli(*args, f"--workdir={tmp_path / 'run'}"), message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.subprocess
+def test_damaged_checkpoint_is_one_line(pretrained_copy):
     """A corrupt orbax checkpoint: one line, not pages of TensorStore and asyncio noise."""
-    config = tiny_digits()
-    config.stages = "pretrain"
-    runner.run_pipeline(config, tmp_path)
+    workdir = pretrained_copy  # the same tiny run as _TINY_FLAGS, pretrain finished
     for name in ("DONE.json", "supernet.safetensors", "ranks.npz"):
-        (tmp_path / "pretrain" / name).unlink()
-    shutil.rmtree(tmp_path / "pretrain" / "checkpoints" / "2")
-    for path in (tmp_path / "pretrain" / "checkpoints" / "4").rglob("*"):
+        (workdir / "pretrain" / name).unlink()
+    shutil.rmtree(workdir / "pretrain" / "checkpoints" / "2")
+    for path in (workdir / "pretrain" / "checkpoints" / "4").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
-    args = ["--config=configs/digits.py:scratch", f"--workdir={tmp_path}",
+    args = ["--config=configs/digits.py:scratch", f"--workdir={workdir}",
             "--config.stages=pretrain",
             *(f"--config.{k}={v}" for k, v in _TINY_FLAGS.items())]
     _assert_one_line_error(_cli(*args), "checkpoints/4 is unreadable")

@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from test_stages import tiny_digits  # noqa: I001  (tests/ is on sys.path)
+from tiny import tiny_digits  # noqa: I001  (tests/ is on sys.path)
 
 from vitjax.errors import UserError
 from vitjax.models import ViT, ViTConfig, init_params
@@ -160,7 +160,7 @@ def test_the_from_pretrained_recipe_end_to_end_with_the_no_supernet_baseline(tmp
 
 
 def test_config_arguments_select_the_recipe():
-    from test_stages import load_config
+    from tiny import load_config
 
     default = load_config("digits")
     assert default.init.checkpoint.endswith("vitjax/assets/digits_vit.safetensors")
@@ -182,7 +182,7 @@ def test_config_arguments_select_the_recipe():
 def test_the_shipped_reference_states_the_digits_normalisation():
     """The reference is a timm state dict trained on digits statistics, not ImageNet's: its
     header says so, so the main command neither assumes ImageNet nor warns."""
-    from test_stages import load_config
+    from tiny import load_config
 
     from vitjax.interop import load_checkpoint
 

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +128,7 @@ _STANDALONE = textwrap.dedent(
 )
 
 
+@pytest.mark.subprocess
 def test_jax_artifact_runs_without_vitjax_or_flax(models, images, tmp_path):
     model, params = models["attention"]
     artifact = tmp_path / "model.jax_exported"
@@ -147,6 +147,7 @@ def test_jax_artifact_runs_without_vitjax_or_flax(models, images, tmp_path):
         np.testing.assert_allclose(logits[str(b)], forward(images[:b]), rtol=0, atol=1e-6)
 
 
+@pytest.mark.subprocess
 def test_import_is_cheap():
     code = (
         "import sys, vitjax.export\n"
@@ -255,6 +256,25 @@ def test_round_policy_to_multiple_refuses_a_policy_over_budget():
 
 
 def test_export_files_are_written_atomically(models, tmp_path):
+    """A write that fails half-way (here: the file-size limit, as a full disk would) leaves the
+    previous artifact whole and no partial file; a plain open-and-write would truncate it."""
+    import resource
+    import signal
+
     model, params = models["dense"]
-    jax_export.export_jax(model, params, tmp_path / "sub" / "m.jax_exported")
-    assert [p.name for p in Path(tmp_path / "sub").iterdir()] == ["m.jax_exported"]
+    path = tmp_path / "sub" / "m.jax_exported"
+    jax_export.export_jax(model, params, path)
+    assert [p.name for p in path.parent.iterdir()] == ["m.jax_exported"]
+    before = path.read_bytes()
+    assert len(before) > 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError):
+            jax_export.export_jax(model, params, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["m.jax_exported"]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_digits  # noqa: I001  (tests/ is on sys.path)
 
 from vitjax import convert
 from vitjax.interop import (
@@ -252,14 +253,6 @@ def test_convert_cli_records_preprocessing(tmp_path, capsys):
 # ------------------------------------------------------------------------------ pipeline
 
 
-def _tiny_digits():
-    spec = importlib.util.spec_from_file_location(
-        "test_stages", Path(__file__).parent / "test_stages.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.tiny_digits
-
-
 def test_pipeline_on_a_register_token_gap_model(tmp_path):
     """pretrain -> score -> criteria -> search -> prune -> export with registers, no class
     token and average pooling: static token pruning, registers kept, weights record the
@@ -269,7 +262,7 @@ def test_pipeline_on_a_register_token_gap_model(tmp_path):
     from vitjax.stages import runner
     from vitjax.workdir import read_json
 
-    config = _tiny_digits()(token_mode="static")
+    config = tiny_digits(token_mode="static")
     config.model.update(class_token=False, reg_tokens=2, no_embed_class=True,
                         global_pool="avg", fc_norm=True)
     config.stages = "pretrain,score,criteria,search,prune,export"
@@ -297,10 +290,11 @@ def test_pipeline_checks_the_checkpoint_normalisation(tmp_path):
     """An AugReg .npz expects [-1, 1] inputs; digits are normalised otherwise: a clear error,
     unless the data config matches (then pretraining starts from the checkpoint)."""
     from vitjax.errors import UserError
+    from vitjax.interop import load_native
     from vitjax.stages import runner
 
     npz = FIXTURES / MANIFEST["augreg_gap_c7_32px"]["checkpoint"]
-    config = _tiny_digits()(token_mode="static")
+    config = tiny_digits(token_mode="static")
     config.model.update(variant="", embed_dim=24, num_heads=3, mlp_dim=48, depth=2,
                         class_token=False, global_pool="avg")
     config.init.checkpoint = str(npz)
@@ -308,7 +302,14 @@ def test_pipeline_checks_the_checkpoint_normalisation(tmp_path):
     with pytest.raises(UserError, match=r"augreg ViT without class token.*mean \(0.5, 0.5, 0.5\)"):
         runner.run_pipeline(config, tmp_path / "a")
     config.data.update(mean=(0.5,) * 3, std=(0.5,) * 3)
+    config.train.update(lr=0.0, min_lr=0.0, warmup_lr=0.0, weight_decay=0.0)
     runner.run_pipeline(config, tmp_path / "b")
+    # With a zero learning rate the supernet's blocks are the checkpoint's.
+    _, trained = load_native(tmp_path / "b" / "pretrain" / "supernet.safetensors")
+    start = load_checkpoint(npz).params
+    for layer in ("blocks_0", "blocks_1"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7),
+                     trained[layer], start[layer])
 
 
 # ------------------------------------------------------------------------------ live timm

@@ -9,6 +9,10 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
+
+# Two processes that import jax and train together: the second tier.
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

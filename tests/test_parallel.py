@@ -5,17 +5,16 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from tiny import TINY_TRAIN  # noqa: I001  (tests/ is on sys.path)
 
-from vitjax.models import ViT, ViTConfig
+from vitjax.models import ViT
 from vitjax.parallel import local_batch_slice, local_to_global, make_mesh, spec_for
 from vitjax.parallel.distributed import environment_is_multiprocess, maybe_initialize
 from vitjax.training import default_train_config
 from vitjax.training.supernet import PolicySampler
 from vitjax.training.train import Trainer
 
-TINY = ViTConfig(
-    num_classes=10, image_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_dim=64
-)
+TINY = TINY_TRAIN
 
 
 def test_rule_table_shards_heads_and_hidden_units_over_model():
@@ -106,10 +105,14 @@ def test_data_and_model_parallel_training_match_one_device():
             jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(base_params),
             strict=True,
         ):
-            # The key bias has an exactly-zero true gradient (softmax is shift-invariant); Adam
-            # turns its rounding noise into +-lr steps, so it is compared loosely.
-            atol = 1e-2 if "['qkv']['bias']" in jax.tree_util.keystr(path) else 2e-5
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=str(path))
+            name = jax.tree_util.keystr(path)
+            if name.endswith("['qkv']['bias']"):
+                # The key bias (row 1 of [q, k, v]) has an exactly-zero true gradient (softmax
+                # is shift-invariant): Adam turns its rounding noise into +-lr steps, so it is
+                # left out. The query and value biases are compared as tightly as the rest.
+                a, b = a[[0, 2]], b[[0, 2]]
+                assert np.abs(b).max() > 1e-3  # they start at 0: the steps really moved them
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=name)
         assert trainer.train_step._cache_size() == 1
     # The parameters really are sharded under data + model (+ FSDP) parallelism.
     qkv = trainer.state_shardings.params["blocks_0"]["attn"]["qkv"]["kernel"]

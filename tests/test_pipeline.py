@@ -1,4 +1,7 @@
-"""The command line end to end on the embedded digits: stages, resume, clear errors."""
+"""The command line end to end on the embedded digits: stages, resume, clear errors.
+
+The bad-input cases run `vitjax.main` in process (the `cli_in_process` fixture); the tests
+marked `subprocess` run `python -m vitjax.main`."""
 
 import json
 import os
@@ -25,6 +28,7 @@ def _main(workdir, *args):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.subprocess
 def test_main_runs_the_stages_and_skips_finished_ones(tmp_path):
     result = _main(tmp_path, "--config.stages=pretrain,score,criteria")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -58,12 +62,16 @@ def test_main_runs_the_stages_and_skips_finished_ones(tmp_path):
         (["--config.ablation.budgets=(1.5,)"], "fractions of the dense FLOPs in (0, 1)"),
     ],
 )
-def test_bad_input_is_one_clear_error_and_a_nonzero_exit(tmp_path, args, message):
-    result = _main(tmp_path, *args)
+def test_bad_input_is_one_clear_error_and_a_nonzero_exit(tmp_path, cli_in_process, args,
+                                                         message):
+    result = cli_in_process("--config=configs/digits.py:scratch", f"--workdir={tmp_path}",
+                            *TINY, *args)
     assert result.returncode == 2
     assert message in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_processes_run_the_pipeline_through_the_local_launcher(tmp_path):
     """launch/local_multiprocess.sh: 2 processes x 2 CPU devices, one shared workdir."""
     cmd = ["bash", "launch/local_multiprocess.sh", "2", "2", "--", sys.executable, "-m",

@@ -4,8 +4,6 @@ finetune overrides on every config, a user's own image folder, and the smaller m
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from test_stages import load_config, tiny_digits  # noqa: I001  (tests/ is on sys.path)
+from tiny import load_config, tiny_digits  # noqa: I001  (tests/ is on sys.path)
 
 from vitjax.errors import UserError
 from vitjax.stages import runner
@@ -47,12 +45,15 @@ def test_bfloat16_model_prunes_and_short_finetune_warms_up_less(tmp_path, capsys
         capsys.readouterr().out
 
 
-def test_pruned_model_that_differs_is_one_line_and_keeps_earlier_results(tmp_path, monkeypatch):
+def test_pruned_model_that_differs_is_one_line_and_keeps_earlier_results(pretrained_copy,
+                                                                         monkeypatch):
     import vitjax.pruning
+
+    workdir = pretrained_copy
 
     config = _tiny_search(tiny_digits())
     config.stages = "pretrain,search"
-    runner.run_pipeline(config, tmp_path)
+    runner.run_pipeline(config, workdir)
     original = vitjax.pruning.prune_params
 
     def wrong(*args, **kwargs):  # a pruning bug: a weight of the pruned tree changed
@@ -64,14 +65,14 @@ def test_pruned_model_that_differs_is_one_line_and_keeps_earlier_results(tmp_pat
     monkeypatch.setattr(vitjax.pruning, "prune_params", wrong)
     config.stages = "pretrain,search,prune"
     with pytest.raises(UserError) as info:
-        runner.run_pipeline(config, tmp_path)
+        runner.run_pipeline(config, workdir)
     message = str(info.value)
     assert "differ from the masked supernet's" in message and "\n" not in message
     assert "results of the earlier stages are kept" in message
     for stage in ("pretrain", "search"):
-        assert (tmp_path / stage / "DONE.json").exists()
-    assert not (tmp_path / "prune" / "DONE.json").exists()
-    assert not (tmp_path / "prune" / "pruned.safetensors").exists()
+        assert (workdir / stage / "DONE.json").exists()
+    assert not (workdir / "prune" / "DONE.json").exists()
+    assert not (workdir / "prune" / "pruned.safetensors").exists()
 
 
 # --- finetune: every key of config.train, on every config ---
@@ -218,15 +219,9 @@ def test_policy_above_the_budget_or_without_heads_is_warned_about(tmp_path):
     assert policy_warnings(ctx, fits) == []
 
 
-def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "vitjax.main", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_misspelled_nested_field_is_a_clean_line(tmp_path):
-    result = _cli("--config=configs/digits.py", "--config.train.stpes=5",
-                  f"--workdir={tmp_path / 'run'}")
+def test_misspelled_nested_field_is_a_clean_line(tmp_path, cli_in_process):
+    result = cli_in_process("--config=configs/digits.py", "--config.train.stpes=5",
+                            f"--workdir={tmp_path / 'run'}")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: --config: no config field 'stpes'; Did you mean \"steps\" instead "

@@ -1,12 +1,12 @@
 """The pipeline's stages in process, as Flax's train_test.py does: real configs, tiny sizes."""
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from tiny import load_config, tiny_digits  # noqa: I001  (tests/ is on sys.path)
 
 from vitjax.evaluate import evaluate
 from vitjax.scoring import load_ranks
@@ -14,23 +14,6 @@ from vitjax.stages import runner
 from vitjax.workdir import read_json
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_config(name: str, arg=None):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def tiny_digits(**train):
-    # The paper's from-scratch recipe: the shipped reference model does not fit the tiny ViT.
-    config = load_config("digits", "scratch")
-    config.model.update(embed_dim=16, depth=2, num_heads=2, mlp_dim=32, patch_size=8)
-    config.train.update(steps=4, warmup_steps=1, batch_size=32, eval_batch_size=128,
-                        log_every=2, eval_every=4, ckpt_every=2, score_every=2, **train)
-    config.score.batch_size = 32
-    return config
 
 
 def _is_permutation(rows):
@@ -122,9 +105,12 @@ def test_init_checkpoint_of_another_architecture_names_the_fields(tmp_path):
         runner.run_pipeline(config, tmp_path / "run")
 
 
-def test_every_stage_end_to_end_and_the_report_reads_the_stage_outputs(tmp_path, monkeypatch):
+def test_every_stage_end_to_end_and_the_report_reads_the_stage_outputs(pretrained_copy,
+                                                                       monkeypatch):
     import vitjax.search
     from vitjax.search.space import InfeasibleTarget
+
+    workdir = pretrained_copy  # pretrain finished with this config: the stages after it run
 
     real_search = vitjax.search.run_search
 
@@ -144,28 +130,28 @@ def test_every_stage_end_to_end_and_the_report_reads_the_stage_outputs(tmp_path,
                            budgets=(0.5,), population=2, iterations=1)
     config.finetune.update(steps=2, warmup_steps=1, ckpt_every=2)
     config.export.formats = "jax"
-    runner.run_pipeline(config, tmp_path)
-    search = read_json(tmp_path / "search" / "DONE.json")
+    runner.run_pipeline(config, workdir)
+    search = read_json(workdir / "search" / "DONE.json")
     assert search["evaluations"] == 5 and set(search["methods"]) == {"gp", "random"}
     assert search["best_gmacs"] <= search["target_gmacs"]
-    log = (tmp_path / "search" / "log.jsonl").read_text().splitlines()
+    log = (workdir / "search" / "log.jsonl").read_text().splitlines()
     assert sum('"type": "eval"' in line for line in log) == 5
-    prune = read_json(tmp_path / "prune" / "DONE.json")
+    prune = read_json(workdir / "prune" / "DONE.json")
     assert prune["policy"] == search["best_policy"] and prune["policy_source"] == "search stage"
     assert prune["max_logit_diff_vs_masked"] < 1e-4
-    finetune = read_json(tmp_path / "finetune" / "DONE.json")
-    export = read_json(tmp_path / "export" / "DONE.json")
+    finetune = read_json(workdir / "finetune" / "DONE.json")
+    export = read_json(workdir / "export" / "DONE.json")
     assert export["formats"]["jax"]["ok"] and export["source"].endswith("finetuned.safetensors")
-    report = (tmp_path / "report" / "report.md").read_text()
+    report = (workdir / "report" / "report.md").read_text()
     # The report's numbers are the stage outputs' numbers.
     assert f"| pruned, no finetuning | {100 * prune['accuracy_before_finetune']['test']:.1f} |" \
         in report
     assert f"| pruned + finetuned | {100 * finetune['accuracy']['test']:.1f} |" in report
     assert f"| gp | {search['methods']['gp']['best_value']:.4f} |" in report
     assert f"{prune['pruned_gmacs']:.4g}" in report
-    summary = read_json(tmp_path / "report" / "DONE.json")
+    summary = read_json(workdir / "report" / "DONE.json")
     assert summary["rows"][1]["gmacs"] == prune["pruned_gmacs"]
-    ablation = read_json(tmp_path / "ablation" / "DONE.json")
+    ablation = read_json(workdir / "ablation" / "DONE.json")
     assert not ablation["dimensions"]["neuron"]["reachable"]
     assert "| ✓ | – | – | cannot reach the budget |" in report
     thin = ablation["dimensions"]["head+neuron"]
@@ -177,11 +163,13 @@ def test_every_stage_end_to_end_and_the_report_reads_the_stage_outputs(tmp_path,
     front = ablation["front"][0]
     assert front["best_gmacs"] <= 0.5 * ablation["dense_gmacs"] + 1e-9
     assert f"| sub-network at 50% budget | {front['best_gmacs']:.4g} |" in report
-    assert (tmp_path / "report" / "pareto.png").stat().st_size > 0
+    assert (workdir / "report" / "pareto.png").stat().st_size > 0
 
 
-def test_a_killed_search_resumes_without_reevaluating(tmp_path, monkeypatch):
+def test_a_killed_search_resumes_without_reevaluating(pretrained_copy, monkeypatch):
     from vitjax.stages import search as search_stage
+
+    workdir = pretrained_copy
 
     config = tiny_digits()
     config.stages = "pretrain,search"
@@ -201,8 +189,8 @@ def test_a_killed_search_resumes_without_reevaluating(tmp_path, monkeypatch):
 
     monkeypatch.setattr(search_stage, "make_objective", counting)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_pipeline(config, tmp_path)
-    assert not (tmp_path / "search" / "DONE.json").exists()
+        runner.run_pipeline(config, workdir)
+    assert not (workdir / "search" / "DONE.json").exists()
     monkeypatch.setattr(search_stage, "make_objective", original)
     resumed_calls = []
 
@@ -215,24 +203,26 @@ def test_a_killed_search_resumes_without_reevaluating(tmp_path, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(search_stage, "make_objective", counting_resumed)
-    runner.run_pipeline(config, tmp_path)
+    runner.run_pipeline(config, workdir)
     assert len(resumed_calls) == 1  # only the evaluation the kill interrupted
-    resumed = read_json(tmp_path / "search" / "DONE.json")
+    resumed = read_json(workdir / "search" / "DONE.json")
     fresh = tiny_digits()
     fresh.stages = "pretrain,search"
     fresh.search.update(population=3, iterations=2, restarts=1, baselines=())
     monkeypatch.setattr(search_stage, "make_objective", original)
     import shutil
 
-    shutil.copytree(tmp_path / "pretrain", tmp_path / "fresh" / "pretrain")
-    shutil.copy(tmp_path / "config.json", tmp_path / "fresh" / "config.json")
-    runner.run_pipeline(fresh, tmp_path / "fresh")
-    uninterrupted = read_json(tmp_path / "fresh" / "search" / "DONE.json")
+    shutil.copytree(workdir / "pretrain", workdir.parent / "fresh" / "pretrain")
+    shutil.copy(workdir / "config.json", workdir.parent / "fresh" / "config.json")
+    runner.run_pipeline(fresh, workdir.parent / "fresh")
+    uninterrupted = read_json(workdir.parent / "fresh" / "search" / "DONE.json")
     assert resumed["best_policy"] == uninterrupted["best_policy"]
     assert resumed["best_value"] == uninterrupted["best_value"]
 
 
-def test_compare_stage_trains_the_second_papers_systems_and_the_report_times_them(tmp_path):
+@pytest.mark.slow  # trains three methods of the second paper: the longest pipeline test
+def test_compare_stage_trains_the_second_papers_systems_and_the_report_times_them(tmp_path,
+                                                                                   capsys):
     config = tiny_digits()
     config.model.depth = 4  # DynamicViT predictors before blocks 1, 2, 3
     # At this width a predictor costs as much as a block: 60% of the FLOPs is out of reach.
@@ -255,5 +245,16 @@ def test_compare_stage_trains_the_second_papers_systems_and_the_report_times_the
     for method, result in compare["methods"].items():
         assert f"| {method} | {100 * result['accuracy']['test']:.1f} | {result['gmacs']:.4g} |" \
             in report
-    # A rerun reuses every finished method.
+    # A run stopped after its methods finished but before the stage did: the rerun reuses every
+    # finished method (same results, model files untouched) instead of training it again.
+    (tmp_path / "compare" / "DONE.json").unlink()
+    models = sorted((tmp_path / "compare").rglob("model.safetensors"))
+    written = [path.stat().st_mtime_ns for path in models]
+    capsys.readouterr()
     runner.run_pipeline(config, tmp_path)
+    out = capsys.readouterr().out
+    for index, method in enumerate(("dynamicvit", "block", "block+token"), 1):
+        assert f"compare {index}/3 {method}: done earlier, reused" in out
+    assert "training at" not in out
+    assert [path.stat().st_mtime_ns for path in models] == written
+    assert read_json(tmp_path / "compare" / "DONE.json")["methods"] == compare["methods"]

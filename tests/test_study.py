@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_stages import load_config, tiny_digits
+from tiny import load_config, tiny_digits
 
 from vitjax.errors import UserError
 from vitjax.interop import load_native
@@ -102,6 +102,7 @@ def test_supernet_verdict_compares_with_the_no_supernet_baseline():
     assert _verdicts(worse)["supernet"] == "does not hold"
 
 
+@pytest.mark.slow  # two seeds of the whole from-pretrained recipe
 def test_study_of_the_from_pretrained_recipe_reports_the_baseline(tmp_path):
     """Two seeds of a tiny run from a trained checkpoint: dense is the checkpoint's accuracy,
     the baseline appears per seed with the supernet verdict."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from test_bad_inputs import _TINY_FLAGS, _assert_one_line_error, _cli  # noqa: I001
-from test_stages import tiny_digits
+from tiny import tiny_digits
 
 from vitjax import workdir_lock
 from vitjax.errors import UserError
@@ -35,9 +35,9 @@ def small_search(config):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tiny_pretrained, tmp_path_factory):
     """A workdir with pretrain and search finished (copied by the tests that change it)."""
-    path = tmp_path_factory.mktemp("finished")
+    path = _copy(tiny_pretrained, tmp_path_factory.mktemp("finished") / "run")
     config = small_search(tiny_digits())
     config.stages = "pretrain,search"
     runner.run_pipeline(config, path)
@@ -73,62 +73,65 @@ def _kill_search_after(monkeypatch, evaluations: int) -> None:
 
 # -- 1. results are never reused after their inputs changed ---------------------------------------
 
-def test_unfinished_search_is_discarded_when_the_supernet_was_retrained(tmp_path, monkeypatch,
-                                                                         capsys):
+def test_unfinished_search_is_discarded_when_the_supernet_was_retrained(pretrained_copy,
+                                                                         monkeypatch, capsys):
+    workdir = pretrained_copy
     config = small_search(tiny_digits())
     config.stages = "pretrain,search"
     _kill_search_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_pipeline(config, tmp_path)
+        runner.run_pipeline(config, workdir)
     monkeypatch.undo()
-    log = tmp_path / "search" / "log.jsonl"
-    assert _eval_count(log) == 2 and not (tmp_path / "search" / "DONE.json").exists()
+    log = workdir / "search" / "log.jsonl"
+    assert _eval_count(log) == 2 and not (workdir / "search" / "DONE.json").exists()
     # The supernet is retrained (another step count) before the search is resumed.
     retrained = small_search(tiny_digits())
     retrained.train.steps = 6
     retrained.stages = "pretrain"
     retrained.overwrite = True
-    runner.run_pipeline(retrained, tmp_path)
+    runner.run_pipeline(retrained, workdir)
     capsys.readouterr()
     retrained.stages = "pretrain,search"
     retrained.overwrite = False
-    runner.run_pipeline(retrained, tmp_path)
+    runner.run_pipeline(retrained, workdir)
     out = capsys.readouterr().out
     assert "search: discarding its unfinished results" in out and "pretrain was redone" in out
     # Every logged value is of the retrained supernet, and the header says which one it is.
     header = json.loads(log.read_text().splitlines()[0])
-    supernet = read_json(tmp_path / "pretrain" / "DONE.json")["identity"]
+    supernet = read_json(workdir / "pretrain" / "DONE.json")["identity"]
     assert header["provenance"]["supernet"] == supernet
     assert header["provenance"]["objective"] == retrained.search.objective
     assert _eval_count(log) == 3 + 2
-    done = read_json(tmp_path / "search" / "DONE.json")
+    done = read_json(workdir / "search" / "DONE.json")
     assert done["inputs"]["pretrain"] == supernet and done["evaluations"] == 5
 
 
-def test_unfinished_search_with_another_objective_is_refused_naming_it(tmp_path, monkeypatch):
+def test_unfinished_search_with_another_objective_is_refused_naming_it(pretrained_copy,
+                                                                        monkeypatch):
+    workdir = pretrained_copy
     config = small_search(tiny_digits())
     config.stages = "pretrain,search"
     _kill_search_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_pipeline(config, tmp_path)
+        runner.run_pipeline(config, workdir)
     monkeypatch.undo()
     changed = small_search(tiny_digits())
     changed.stages = "search"
     changed.search.objective = "accuracy"
     with pytest.raises(UserError) as info:
-        runner.run_pipeline(changed, tmp_path)
+        runner.run_pipeline(changed, workdir)
     message = str(info.value)
     assert "search.objective: 'accuracy_minus_loss' -> 'accuracy'" in message
     assert "--config.overwrite=True" in message and "\n" not in message
-    assert _eval_count(tmp_path / "search" / "log.jsonl") == 2  # nothing lost
+    assert _eval_count(workdir / "search" / "log.jsonl") == 2  # nothing lost
     # overwrite=True discards unfinished results too (here with a setting the log header
     # pins as well), not only finished ones.
     changed.overwrite = True
     changed.search.population = 4
-    runner.run_pipeline(changed, tmp_path)
-    header = json.loads((tmp_path / "search" / "log.jsonl").read_text().splitlines()[0])
+    runner.run_pipeline(changed, workdir)
+    header = json.loads((workdir / "search" / "log.jsonl").read_text().splitlines()[0])
     assert header["provenance"]["objective"] == "accuracy" and header["population"] == 4
-    assert _eval_count(tmp_path / "search" / "log.jsonl") == 4 + 2
+    assert _eval_count(workdir / "search" / "log.jsonl") == 4 + 2
 
 
 def test_search_log_header_refuses_another_supernet_or_objective(tmp_path):
@@ -401,6 +404,7 @@ def test_only_process_0_of_a_job_takes_the_lock(tmp_path, monkeypatch):
             pass
 
 
+@pytest.mark.subprocess
 def test_two_commands_on_one_workdir_and_ctrl_c(tmp_path):
     """A second command on a busy workdir stops with one line; Ctrl-C saves a checkpoint, prints
     one line and exits 130; the rerun resumes from that checkpoint."""
