@@ -34,6 +34,7 @@ from vitjax.configs import (
     from_pretrained_recipe,
     parse_arg,
     prune_config,
+    report_config,
 )
 from vitjax.data.config import digits_data_config, light_augment_config
 from vitjax.search.config import default_search_config
@@ -124,6 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                       ckpt_every=50)
     config.baseline = baseline_config()
     config.export = export_config()
+    config.report = report_config()
     # The second paper's systems at the pruned model's FLOPs: off by default (about 4 more
     # minutes); `configs/digits.py:compare` turns them on.
     config.compare = compare_config(*(("dynamicvit", "block", "block+token")

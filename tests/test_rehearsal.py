@@ -79,5 +79,33 @@ def test_rehearsals_keep_model_shapes_and_dtype():
         for key, _ in rehearsal.overrides:
             assert not key.startswith("model.") or key == "model.num_classes", (rehearsal, key)
     assert set(rehearse.REHEARSALS) >= {"digits", "digits_study", "folder", "deit_ti",
-                                        "deit_s:flops=0.4", "deit_b"}
+                                        "deit_ti:init", "deit_s:flops=0.4", "deit_b"}
     assert list(rehearse.REHEARSALS)[-1] == "deit_b"  # the slowest last
+    for name in ("deit_ti", "deit_ti:init", "deit_b", "folder"):  # the report's timing, shrunk
+        overrides = dict(rehearse.REHEARSALS[name].overrides)
+        assert overrides["report.batch_sizes"] == "(1,4)" and overrides["report.rounds"] == 1
+
+
+def test_from_pretrained_rehearsal_compresses_a_checkpoint_that_fits(tmp_path):
+    """deit_ti:init runs the from-pretrained recipe (frozen teacher, baseline stage) on a
+    generated DeiT-Ti checkpoint in timm's format, which loads into the rehearsal's model."""
+    from vitjax.stages.context import Context
+    from vitjax.stages.pretrain import load_init_checkpoint
+
+    rehearsal = rehearse.REHEARSALS["deit_ti:init"]
+    folder = str(tmp_path / "images")
+    path = rehearse.checkpoint_path(folder)
+    assert Path(path).parent == tmp_path
+    assert rehearse.make_timm_checkpoint(path) == path
+    command = rehearsal.command(str(tmp_path / "run"), folder, {})
+    assert f"--config=configs/deit_ti.py:init={path}" in command
+    config = rehearse._load_config(rehearsal, folder)
+    assert config.init.checkpoint == path and float(config.train.distill) > 0
+    assert "baseline" in str(config.stages).split(",")
+    assert config.model.dtype == "bfloat16" and config.model.variant == "Ti/16"
+    overrides = dict(rehearsal.overrides)
+    config.model.num_classes = overrides["model.num_classes"]
+    config.data.num_classes = overrides["data.num_classes"]
+    params = load_init_checkpoint(Context(config, tmp_path / "run"), path)
+    assert params["head"]["kernel"].shape == (192, rehearse.FOLDER_CLASSES)
+    assert params["pos_embed"].shape[-2] == 197  # 224 px, patch 16, a class token

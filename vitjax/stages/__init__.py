@@ -69,7 +69,7 @@ STAGES: dict[str, Stage] = {
               "DynamicViT, block pruning, block + token at matched FLOPs (second paper)"),
         Stage("report", report.run,
               ("pretrain", "score", "criteria", "search", "ablation", "prune", "finetune",
-               "baseline", "export", "compare"), (),
+               "baseline", "export", "compare"), ("report",),
               "report.md with the paper's tables"),
     )
 }

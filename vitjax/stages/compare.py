@@ -97,9 +97,14 @@ def _train(ctx: Context, config, out, model, params, **kwargs):
 def dynamicvit_schedule(ctx: Context, config: ViTConfig, target: float):
     """The DynamicViTConfig of the configured locations and schedule kind whose inference GMACs
     are the largest <= target (bisection on the rate)."""
+    return schedule_for_target(ctx.config.compare, config, target)
+
+
+def schedule_for_target(block, config: ViTConfig, target: float):
+    """dynamicvit_schedule from the config.compare block alone (no workdir), so the up-front
+    config check (vitjax.stages.checks.check_compare) refuses what this stage would refuse."""
     from vitjax.dynamicvit import DynamicViTConfig, dynamicvit_gmacs, keep_ratios, validate
 
-    block = ctx.config.compare
     locations = tuple(int(x) for x in block.locations) if block.get("locations") else \
         (config.depth // 4, config.depth // 2, 3 * config.depth // 4)
     locations = tuple(dict.fromkeys(max(1, x) for x in locations))
