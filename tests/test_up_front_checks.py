@@ -76,6 +76,25 @@ def test_dynamicvit_in_reach_passes_the_check(tmp_path, name, arg):
     checks.check_compare(config, ctx.model_config, ctx.target_gmacs, stages)
 
 
+def test_dynamicvit_reaches_a_target_to_the_reports_precision(tmp_path):
+    """digits_study: the search band starts at 38.000% of dense, DynamicViT's smallest schedule
+    (keep rate 0.25: 16, 4, 1 of 64 patches) costs 38.003%; within REACH_RTOL it is matched,
+    further below it is out of reach."""
+    from vitjax.dynamicvit import DynamicViTConfig, dynamicvit_gmacs, keep_ratios
+    from vitjax.stages.compare import REACH_RTOL, schedule_for_target
+
+    config = load_config("digits_study")
+    model_config = runner.Context(config, tmp_path).model_config
+    floor = dynamicvit_gmacs(model_config, DynamicViTConfig(
+        locations=(1, 2, 3), ratios=keep_ratios("original", 0.25, 3)))
+    lowest = _lowest_target(config, runner.Context(config, tmp_path))
+    assert lowest < floor <= lowest * (1 + REACH_RTOL)
+    dyn = schedule_for_target(config.compare, model_config, floor * (1 - REACH_RTOL / 2))
+    assert dynamicvit_gmacs(model_config, dyn) == pytest.approx(floor, rel=1e-12)
+    with pytest.raises(UserError, match="cannot reach"):
+        schedule_for_target(config.compare, model_config, floor * (1 - 2 * REACH_RTOL))
+
+
 def test_dynamicvit_check_only_when_compare_runs(tmp_path):
     from vitjax.stages import checks
 
