@@ -120,12 +120,12 @@ def test_every_shipped_config_declares_the_report_timing():
 def test_report_times_the_configured_batches_and_defaults_keep_its_tables(tmp_path, capsys):
     config = tiny_digits()
     config.stages = "pretrain,report"
-    config.report.update(batch_sizes=(2, 3), rounds=1, seconds=0.01)
+    config.report.update(batch_sizes=(2, 3), rounds=2, seconds=0.01)
     runner.run_pipeline(config, tmp_path)
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| img/s batch 2 | img/s batch 3 |\n|---|---|---|---|---|---|---|" in report
-    assert "batch 64" not in report and "median of 1 rounds of 0.01 s" in report
-    assert "timing dense at batch 2 and 3 (alternating, 1 rounds of 0.01 s)" in \
+    assert "batch 64" not in report and "median of 2 rounds of 0.01 s" in report
+    assert "timing dense at batch 2 and 3 (alternating, 2 rounds of 0.01 s)" in \
         capsys.readouterr().out
     speed = read_json(tmp_path / "report" / "DONE.json")["speed"]["dense"]
     assert set(speed) == {"2", "3"} and all(v > 0 for v in speed.values())
@@ -161,6 +161,7 @@ def test_compare_and_cost_tables_with_default_timing_are_unchanged():
         "| dense | 95.0 | 1 | 2,000 | 100 | 1000 |",
         "| dynamicvit | 90.0 | 0.5 | 1,000 | 90 | 1200 |",
         ""]
+    assert "median of 1 round)." in compare_table(done, rows, "test", speed, (1, 64), 1)[2]
     assert compare_table(done, rows, "test", speed)[-2] == \
         "DynamicViT at batch 1 runs at 0.90x the dense model's speed (slower than dense)."
     ctx = SimpleNamespace(dense_gmacs=1.0)

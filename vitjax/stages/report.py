@@ -94,7 +94,7 @@ def run(ctx: Context) -> dict:
     batches = tuple(int(b) for b in timing.batch_sizes)
     rounds, seconds = int(timing.rounds), float(timing.seconds)
     print(f"[vitjax] report: timing {', '.join(contenders)} at batch {_and(batches)} "
-          f"(alternating, {rounds} rounds of {seconds:g} s)", flush=True)
+          f"(alternating, {_rounds(rounds)} of {seconds:g} s)", flush=True)
     speed = throughput(contenders, ctx.model_config.image_size, batches, rounds=rounds,
                        seconds=seconds)
     if done["pretrain"]:
@@ -112,7 +112,7 @@ def run(ctx: Context) -> dict:
     lines += ["## Dense vs compressed (Tables 1 and 4)", "",
               f"Accuracy on the {test} split (%); throughput measured by this stage (XLA, "
               f"float32, {jax.devices()[0].platform}, forward only; all models of this report "
-              f"in this process, alternating, median of {rounds} rounds of {seconds:g} s).",
+              f"in this process, alternating, median of {_rounds(rounds)} of {seconds:g} s).",
               "", "| model | accuracy | GMACs | FLOPs kept | parameters | "
               + _columns("img/s batch {}", batches),
               "|---|---|---|---|---|" + "---|" * len(batches)]
@@ -393,7 +393,7 @@ def compare_table(done: dict, rows: list, split: str, speed: dict, batches=(1, 6
     lines = ["## Against DynamicViT and block pruning at matched FLOPs", "",
              f"Target {compare['target_gmacs']:.4g} GMACs (the pruned model's). Accuracy on the "
              f"{split} split; img/s measured by this stage with Tables 1 and 4 (XLA, float32, "
-             f"forward only, alternating in one process, median of {rounds} rounds).", "",
+             f"forward only, alternating in one process, median of {_rounds(rounds)}).", "",
              "| method | accuracy | GMACs | parameters | " + _columns("img/s batch {}", batches),
              "|---|---|---|---|" + "---|" * len(batches)]
     named = {"dense supernet": "dense", "pruned + finetuned": "multi-dimensional (HSIC + GP)"}
@@ -420,6 +420,10 @@ def _columns(header: str, batches) -> str:
 
 def _speeds(measured: dict, batches) -> str:
     return " | ".join(f"{measured[b]:.0f}" for b in batches) + " |"
+
+
+def _rounds(count: int) -> str:
+    return f"{count} round" + ("" if count == 1 else "s")
 
 
 def _and(items) -> str:
