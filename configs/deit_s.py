@@ -28,10 +28,11 @@ The supernet starts from the checkpoint and trains 30 epochs (lr 2.5e-4 x batch/
 epochs) with the frozen dense model as teacher (logit KL, weight 0.5, T = 1); the pruned model is
 finetuned 10 epochs (lr 5e-5 x batch/512) from the same teacher; the `baseline` stage trains the
 same policy cut from the dense model for 40 epochs without a supernet. Estimated cost (not
-measured): about 42 V100-hours in all, 26 without the baseline stage (DeiT's reported
-training time, about 0.44 V100-hours per DeiT-S epoch, times about 96 epoch-equivalents:
-a supernet epoch with the teacher costs about 1.33 dense epochs, a finetuning or baseline epoch
-about 0.93, search, ablation and criteria about 10), against about 130 V100-hours for the
+measured): about 41 V100-hours in all, 25 without the baseline stage (DeiT's reported
+training time, about 0.44 V100-hours per DeiT-S epoch, times about 93 epoch-equivalents:
+a supernet epoch with the teacher costs about 1.2 dense epochs (the teacher x1.16,
+measured), a finetuning or baseline epoch about 0.93, search, ablation and criteria
+about 10), against about 130 V100-hours for the
 300 epochs from scratch; roughly a third of the hours on A100s.
 """
 

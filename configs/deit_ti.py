@@ -29,9 +29,10 @@ epochs) with the frozen dense model as teacher (logit KL, weight 0.5, T = 1); th
 finetuned 10 epochs (lr 5e-5 x batch/512) from the same teacher; the `baseline` stage trains the
 same policy cut from the dense model for 40 epochs without a supernet. Estimated cost (not
 measured): about 15 V100-hours in all, 9 without the baseline stage (DeiT's reported
-training time, about 0.16 V100-hours per DeiT-Ti epoch, times about 96 epoch-equivalents:
-a supernet epoch with the teacher costs about 1.33 dense epochs, a finetuning or baseline epoch
-about 0.93, search, ablation and criteria about 10), against about 48 V100-hours for the
+training time, about 0.16 V100-hours per DeiT-Ti epoch, times about 93 epoch-equivalents:
+a supernet epoch with the teacher costs about 1.2 dense epochs (the teacher x1.16,
+measured), a finetuning or baseline epoch about 0.93, search, ablation and criteria
+about 10), against about 48 V100-hours for the
 300 epochs from scratch; roughly a third of the hours on A100s.
 """
 

@@ -177,3 +177,17 @@ def test_config_arguments_select_the_recipe():
     with pytest.raises(ValueError, match="exclude each other"):
         load_config("deit_s", "scratch,init=x.pth")
     assert isinstance(deit.baseline, ml_collections.ConfigDict)
+
+
+def test_the_shipped_reference_states_the_digits_normalisation():
+    """The reference is a timm state dict trained on digits statistics, not ImageNet's: its
+    header says so, so the main command neither assumes ImageNet nor warns."""
+    from test_stages import load_config
+
+    from vitjax.interop import load_checkpoint
+
+    config = load_config("digits")
+    stats = load_checkpoint(config.init.checkpoint, num_heads=config.model.num_heads).preprocessing
+    assert stats["known"] is True
+    np.testing.assert_allclose(stats["mean"], config.data.mean)
+    np.testing.assert_allclose(stats["std"], config.data.std)

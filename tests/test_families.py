@@ -229,6 +229,9 @@ def test_convert_cli_records_preprocessing(tmp_path, capsys):
     assert read_preprocessing(out)["mean"] == [0.5, 0.5, 0.5]
     back = tmp_path / "timm.safetensors"
     assert convert.main([str(out), str(back)]) == 0
+    # The timm file keeps the stated normalisation in its header, so it is not "assumed" ImageNet.
+    assert load_checkpoint(back, num_heads=4).preprocessing["mean"] == [0.5, 0.5, 0.5]
+    assert load_checkpoint(back, num_heads=4).preprocessing["known"] is True
     expected = read_state_dict(FIXTURES / MANIFEST["big_vision_tok_c7_32px"]["timm_state"])
     got = read_state_dict(back)
     assert sorted(got) == sorted(expected)
@@ -237,6 +240,10 @@ def test_convert_cli_records_preprocessing(tmp_path, capsys):
     assert convert.main([str(timm_in), str(tmp_path / "d3.npz"), "--num-heads", "2"]) == 0
     assert "assumed" in capsys.readouterr().out
     assert read_preprocessing(tmp_path / "d3.npz")["known"] is False
+    # A timm file that says nothing is still assumed ImageNet, and a stated one wins over it.
+    assert load_checkpoint(timm_in, num_heads=2).preprocessing["known"] is False
+    stated = load_checkpoint(back, num_heads=4, preprocessing="imagenet").preprocessing
+    assert stated["mean"] == pytest.approx([0.485, 0.456, 0.406]) and stated["known"] is True
     assert convert.main([str(npz), str(tmp_path / "x.safetensors"), "--num-heads", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: big_vision") and "num_heads=4" in err and "\n" not in err

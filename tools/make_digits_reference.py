@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     params = jax.device_get(result.params)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_timm(ctx.model_config, params, args.out)
+    # The digits statistics (not ImageNet's) go into the header, so loading it needs no flag.
+    save_timm(ctx.model_config, params, args.out, preprocessing=ctx.preprocessing)
     # Read it back through the path the pipeline takes, so the shipped file is the one measured.
     from vitjax.evaluate import evaluate
 

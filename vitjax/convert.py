@@ -25,7 +25,13 @@ from pathlib import Path
 
 from vitjax.interop import files
 from vitjax.interop.checkpoints import PREPROCESSING, load_checkpoint
-from vitjax.interop.native import NATIVE_SUFFIXES, is_native, load_native, save_native
+from vitjax.interop.native import (
+    NATIVE_SUFFIXES,
+    is_native,
+    load_native,
+    read_preprocessing,
+    save_native,
+)
 from vitjax.interop.timm import CheckpointMismatchError, save_timm
 
 _TIMM_OUT = (files.SAFETENSORS_SUFFIX, *files.TORCH_SUFFIXES)
@@ -74,7 +80,9 @@ def convert(args: argparse.Namespace) -> str:
     if is_native(args.input):
         _check_suffix(args.output, _TIMM_OUT, "a timm output")
         config, params = load_native(args.input)
-        save_timm(config, params, args.output)
+        stats = read_preprocessing(args.input)  # kept in a .safetensors header where known
+        save_timm(config, params, args.output,
+                  preprocessing=stats if stats and stats.get("known", True) else None)
         return f"vitjax -> timm: {describe(config)}\nwrote {args.output}"
     _check_suffix(args.output, NATIVE_SUFFIXES, "a vitjax output")
     overrides = {} if args.num_heads is None else {"num_heads": args.num_heads}

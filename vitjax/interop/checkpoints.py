@@ -57,6 +57,20 @@ def preprocessing_named(name: str, *, known: bool = True, source: str = "") -> d
                 source=source or name)
 
 
+def _recorded_preprocessing(source) -> dict[str, Any] | None:
+    """The normalisation a timm .safetensors written by `save_timm(..., preprocessing=)` states
+    in its header (None: a file from elsewhere, which says nothing)."""
+    if isinstance(source, Mapping) or not os.fspath(source).lower().endswith(".safetensors"):
+        return None
+    if "://" in os.fspath(source):
+        return None  # a remote file: the loader copies it; its header is not read here
+    stored = native.read_preprocessing(source)
+    if stored is None:
+        return None
+    return dict(mean=list(stored["mean"]), std=list(stored["std"]), known=True,
+                source="recorded in the file")
+
+
 def checkpoint_format(source: str | os.PathLike | Mapping[str, Any]) -> str:
     """'vitjax', 'augreg', 'big_vision' or 'timm' (anything else: the timm loader says why)."""
     if isinstance(source, Mapping):
@@ -99,6 +113,9 @@ def load_checkpoint(
     if kind == TIMM:
         model, params = load_timm(source, variant=variant, strict=strict, image_size=image_size,
                                   num_classes=num_classes, **overrides)
+        recorded = None if preprocessing is not None else _recorded_preprocessing(source)
+        if recorded is not None:
+            return Checkpoint(model.config, params, TIMM, recorded)
         stated = preprocessing is not None
         stats = preprocessing_named(preprocessing or "imagenet", known=stated,
                                     source=preprocessing or "assumed for a timm state dict")

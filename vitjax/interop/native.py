@@ -25,7 +25,7 @@ FORMAT = "vitjax"
 _CONFIG_KEY = "vitjax_config"
 # JSON {'mean': [...], 'std': [...], 'known': bool, 'source': str}: the input normalisation the
 # weights expect (vitjax.interop.checkpoints); absent in files written before it existed.
-_PREPROCESSING_KEY = "vitjax_preprocessing"
+PREPROCESSING_KEY = "vitjax_preprocessing"
 _NPZ_META = "__metadata__"
 NATIVE_SUFFIXES = (files.SAFETENSORS_SUFFIX, files.NPZ_SUFFIX)
 
@@ -90,13 +90,13 @@ def save_native(
     flat = {k: v.astype(np.float32) for k, v in flatten_params(params).items()}
     metadata = {"format": FORMAT, _CONFIG_KEY: config.to_json()}
     if preprocessing is not None:
-        metadata[_PREPROCESSING_KEY] = json.dumps(dict(preprocessing))
+        metadata[PREPROCESSING_KEY] = json.dumps(dict(preprocessing))
     files.write_arrays(path, flat, metadata=metadata)
 
 
 def read_preprocessing(path: str | os.PathLike) -> dict[str, Any] | None:
     """The input normalisation stored by save_native, or None where the file has none."""
-    text = _read_metadata(Path(path)).get(_PREPROCESSING_KEY)
+    text = _read_metadata(Path(path)).get(PREPROCESSING_KEY)
     return None if text is None else json.loads(text)
 
 

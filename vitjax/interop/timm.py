@@ -20,6 +20,7 @@ it comes from `num_heads=`, from `variant=`, or from the standard widths of DeiT
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.interop import files
+from vitjax.interop import files, native
 from vitjax.models.config import ViTConfig, decode_variant
 from vitjax.models.vit import ViT
 
@@ -566,8 +567,13 @@ def load_timm(
     return (model, params, extras) if return_extras else (model, params)
 
 
-def save_timm(model_or_config: ViT | ViTConfig, params: Mapping[str, Any], path) -> None:
+def save_timm(model_or_config: ViT | ViTConfig, params: Mapping[str, Any], path,
+              preprocessing: Mapping[str, Any] | None = None) -> None:
     """Writes a timm state dict: .safetensors always, .pth/.pt/.bin when torch is installed.
+
+    preprocessing ({'mean': [...], 'std': [...]}): the input normalisation the weights were
+    trained with, stored in a .safetensors header (timm ignores it; `load_checkpoint` reads it,
+    so a model trained on other statistics than ImageNet's says so). A .pth cannot carry it.
 
     timm's `model.load_state_dict(...)` (strict) and
     `create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))` accept it;
@@ -580,4 +586,9 @@ def save_timm(model_or_config: ViT | ViTConfig, params: Mapping[str, Any], path)
         raise ValueError(f"save_timm writes .safetensors or .pth/.pt/.bin, not {str(path)!r}")
     state = timm_state_dict(model_or_config, params)
     # 'format': 'pt' is what torch-side safetensors readers (transformers, timm) expect.
-    files.write_arrays(path, state, metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    if preprocessing is not None and suffix == files.SAFETENSORS_SUFFIX[1:]:
+        metadata[native.PREPROCESSING_KEY] = json.dumps(
+            dict(mean=list(preprocessing["mean"]), std=list(preprocessing["std"]))
+        )
+    files.write_arrays(path, state, metadata=metadata)
