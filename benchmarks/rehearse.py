@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -221,6 +222,10 @@ def run_one(rehearsal: Rehearsal, workdir: Path, folder: str, extra: dict,
     if not problem and code != 0:
         last = [line for line in lines if line.strip()][-1:] or ["(no output)"]
         problem = f"exit status {code}: {last[0].strip()[:300]}"
+        if code < 0:  # e.g. SIGKILL from the kernel's OOM killer: the output does not say
+            hint = "; out of memory? see dmesg" if -code == signal.SIGKILL else ""
+            problem = f"killed by {signal.Signals(-code).name}{hint} (last line: " \
+                f"{last[0].strip()[:300]})"
     elif "Traceback (most recent call last)" in text:
         problem = "a traceback in the output"
     if rehearsal.refused and problem.startswith("exit status"):

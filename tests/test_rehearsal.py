@@ -109,3 +109,35 @@ def test_from_pretrained_rehearsal_compresses_a_checkpoint_that_fits(tmp_path):
     params = load_init_checkpoint(Context(config, tmp_path / "run"), path)
     assert params["head"]["kernel"].shape == (192, rehearse.FOLDER_CLASSES)
     assert params["pos_embed"].shape[-2] == 197  # 224 px, patch 16, a class token
+
+
+def _fake(monkeypatch, code: str):
+    """Rehearsal commands replaced by a tiny Python program (no vitjax run)."""
+    monkeypatch.setattr(rehearse.Rehearsal, "command",
+                        lambda self, workdir, folder, extra: [sys.executable, "-c", code])
+
+
+def test_a_refused_rehearsal_passes_only_when_refused_before_any_stage(tmp_path, monkeypatch):
+    refused = rehearse.REHEARSALS["digits:flops=0.4,compare,distilled"]
+    line = "error: DynamicViT with locations (1, 2, 3) and the 'original' schedule cannot reach"
+    _fake(monkeypatch, f"import sys; print({line!r}, file=sys.stderr); sys.exit(1)")
+    assert rehearse.run_one(refused, tmp_path / "a", "images", {}, echo=lambda s: None)["ok"]
+    _fake(monkeypatch, "print('[vitjax] pretrain (1/10): running')")  # it ran instead
+    result = rehearse.run_one(refused, tmp_path / "b", "images", {}, echo=lambda s: None)
+    assert not result["ok"] and "should have been refused up front" in result["problem"]
+    (tmp_path / "c" / "pretrain").mkdir(parents=True)  # refused, but after a stage started
+    (tmp_path / "c" / "pretrain" / "STARTED.json").write_text("{}")
+    _fake(monkeypatch, f"import sys; print({line!r}, file=sys.stderr); sys.exit(1)")
+    result = rehearse.run_one(refused, tmp_path / "c", "images", {}, echo=lambda s: None)
+    assert not result["ok"] and "stages started: ['pretrain']" in result["problem"]
+
+
+def test_a_rehearsal_killed_by_a_signal_says_so(tmp_path, monkeypatch):
+    """The kernel's OOM killer leaves no line in the output: the table names the signal."""
+    _fake(monkeypatch, "import os, signal; print('[vitjax] export: running', flush=True); "
+          "os.kill(os.getpid(), signal.SIGKILL)")
+    result = rehearse.run_one(rehearse.REHEARSALS["digits"], tmp_path, "images", {},
+                              echo=lambda s: None)
+    assert not result["ok"]
+    assert result["problem"].startswith("killed by SIGKILL; out of memory? see dmesg")
+    assert "[vitjax] export: running" in result["problem"]
