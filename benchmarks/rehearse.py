@@ -47,6 +47,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The configs this process loads (to list a rehearsal's stages, to write the init checkpoint)
+# must come from the same checkout as the runs, which get PYTHONPATH=REPO; not from another
+# installed vitjax (a config of this checkout may import what that one lacks).
+sys.path.insert(0, str(REPO))
 FOLDER_CLASSES = 4
 
 # The expensive knobs, shrunk; nothing here changes a model's shapes or dtype.

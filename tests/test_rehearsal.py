@@ -141,3 +141,18 @@ def test_a_rehearsal_killed_by_a_signal_says_so(tmp_path, monkeypatch):
     assert not result["ok"]
     assert result["problem"].startswith("killed by SIGKILL; out of memory? see dmesg")
     assert "[vitjax] export: running" in result["problem"]
+
+
+def test_the_script_loads_configs_with_the_vitjax_its_runs_use(tmp_path):
+    """rehearse.py lists a rehearsal's stages by loading its config in its own process: that
+    must be this checkout's vitjax (the runs get PYTHONPATH=REPO), not another installed one
+    (digits_study's stage list failed on a config block the installed vitjax lacked)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = (f"import runpy; runpy.run_path({str(REPO / 'benchmarks' / 'rehearse.py')!r}); "
+            "import vitjax; print(vitjax.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Path(out.stdout.strip()).resolve().is_relative_to(REPO / "vitjax")
