@@ -173,3 +173,19 @@ def test_compare_and_cost_tables_with_default_timing_are_unchanged():
         "| model | accuracy | change vs dense (pp) | FLOPs saved | time saved batch 1 | "
         "time saved batch 64 |", "|---|---|---|---|---|---|",
         "| searched policy, no finetuning | 90.0 | -5.0 | 40% | 33% | 38% |"]
+
+
+def test_ablation_row_of_a_budget_too_thin_to_sample_does_not_say_unreachable():
+    """deit_ti:expand=2: head+neuron can go down to 0.63 GMACs, below the 1.25 budget, but the
+    sampler found no policy in the band; the row said "cannot reach the budget"."""
+    from vitjax.stages.report import ablation_table
+
+    ablation = {"target_gmacs": 1.254, "evaluations_per_search": 3, "split": "test",
+                "dimensions": {
+                    "neuron": {"dims": ["neuron"], "reachable": False, "lowest_gmacs": 2.089},
+                    "head+neuron": {"dims": ["neuron", "head"], "reachable": False,
+                                    "lowest_gmacs": 0.6294, "reason": "found only 0 of 2"}}}
+    lines = ablation_table(ablation, 4.6)
+    assert "| ✓ | – | – | cannot reach the budget | 2.089 (most pruned) | – |" in lines
+    assert "| ✓ | ✓ | – | no policy found at the budget (too few to sample) | 0.6294 (most " \
+        "pruned) | – |" in lines

@@ -295,6 +295,11 @@ def ablation_table(ablation: dict, dense_gmacs: float) -> list[str]:
              "|---|---|---|---|---|---|"]
     for result in ablation["dimensions"].values():
         ticks = " | ".join("✓" if d in result["dims"] else "–" for d in ("neuron", "head", "token"))
+        if not result["reachable"] and result.get("reason"):  # InfeasibleTarget
+            # Below the most pruned model, but the policies at the budget are too few to sample.
+            lines.append(f"| {ticks} | no policy found at the budget (too few to sample) | "
+                         f"{result['lowest_gmacs']:.4g} (most pruned) | – |")
+            continue
         if not result["reachable"]:
             lines.append(f"| {ticks} | cannot reach the budget | {result['lowest_gmacs']:.4g} "
                          "(most pruned) | – |")
