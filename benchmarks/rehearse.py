@@ -9,7 +9,8 @@ dtype, on generated data, a few steps each, as a user runs it.
 Each rehearsal is one `python -m vitjax.main --config=configs/<file>[:<argument>] --workdir=...`
 in a fresh process, with `--config.x=y` overrides that shrink only what makes a run long:
 training, finetuning and comparison steps, batch sizes, search populations and iterations,
-criteria ratios, hold-out and scoring sizes. The model (variant, embedding, depth, heads, MLP,
+criteria ratios, hold-out and scoring sizes, and the report's timing (DeiT: batch 1 and 4, one
+round, instead of batch 1 and 64, five rounds). The model (variant, embedding, depth, heads, MLP,
 patch, image size, tokens, dtype: bfloat16 at 224 px and 197 tokens for DeiT), the stages, the
 augmentation, the recipe's other settings and the export formats stay as shipped. A rehearsal
 passes when the command exits 0 without a traceback and every stage it lists has written its
@@ -20,7 +21,10 @@ read a generated image folder (random PNGs of other sizes than the model's, a cl
 a subfolder), 4 classes, so the DeiT rehearsals also set config.model.num_classes=4: the
 classifier head is the one shape that differs from ImageNet's, because a class-balanced hold-out
 of ImageNet's 1000 classes would be 1000 images per evaluation. The TFDS input of the DeiT
-configs is rehearsed by tests/test_stages.py on tfds.testing.mock_data.
+configs is rehearsed by tests/test_stages.py on tfds.testing.mock_data. The from-pretrained
+recipe (`deit_ti:init`) compresses a generated DeiT-Ti checkpoint in timm's format (random
+weights, 4 classes, 224 px; written beside the images), so its frozen teacher and the baseline
+stage run at real shapes too.
 
 Prints each command, its progress lines, its time, and a table at the end; writes
 <workdir>/rehearsal.json. Exit status 1 when any rehearsal failed. On two busy CPU cores the
@@ -35,6 +39,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +47,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The configs this process loads (to list a rehearsal's stages, to write the init checkpoint)
+# must come from the same checkout as the runs, which get PYTHONPATH=REPO; not from another
+# installed vitjax (a config of this checkout may import what that one lacks).
+sys.path.insert(0, str(REPO))
 FOLDER_CLASSES = 4
 
 # The expensive knobs, shrunk; nothing here changes a model's shapes or dtype.
@@ -52,10 +61,16 @@ _SEARCH = {"search.population": 3, "search.iterations": 1, "search.restarts": 1,
 DIGITS = {"train.steps": 3, "train.warmup_steps": 1, "train.batch_size": 32,
           "train.eval_batch_size": 128, "train.log_every": 1, "train.eval_every": 0,
           "train.ckpt_every": 3, "train.score_every": 2, "score.batch_size": 32, **_SEARCH}
+# The report times every model at batch 1 and 64 by default: for DeiT-B on a CPU that alone
+# outlasted the other stages, so DeiT rehearsals time batch 1 and 4, one round.
 DEIT = {"train.steps": 2, "train.warmup_steps": 1, "train.batch_size": 2,
         "train.eval_batch_size": 4, "train.log_every": 1, "train.eval_every": 0,
-        "train.ckpt_every": 2, "train.score_every": 1, "score.batch_size": 4, **_SEARCH}
+        "train.ckpt_every": 2, "train.score_every": 1, "score.batch_size": 4,
+        "report.batch_sizes": "(1,4)", "report.rounds": 1, **_SEARCH}
 # A DeiT config reading the generated folder instead of ImageNet (see the module docstring).
+# The `init=` rehearsal's "trained" DeiT-Ti: random weights in timm's format, with the folder's
+# classes (the teacher must fit the student: classes, image size, patch).
+CHECKPOINT = "deit_tiny_patch16_224_4classes.safetensors"
 FOLDER_DATA = {"data.source": "folder", "data.root": "{folder}", "data.name": "",
                "data.eval_split": "val", "data.num_classes": FOLDER_CLASSES,
                "model.num_classes": FOLDER_CLASSES, "data.holdout_per_class": 1}
@@ -67,14 +82,27 @@ class Rehearsal:
     config: str  # file in configs/
     argument: str = ""  # the config file's argument (after ':')
     overrides: tuple[tuple[str, object], ...] = ()
+    # A combination the up-front checks must refuse: passes when the command stops before any
+    # stage with one `error:` line containing this text (and no traceback).
+    refused: str = ""
 
     def command(self, workdir: str, folder: str, extra: dict) -> list[str]:
         spec = f"configs/{self.config}" + (f":{self.argument}" if self.argument else "")
-        spec = spec.format(folder=folder)
-        flags = [f"--config.{k}={str(v).format(folder=folder, workdir=workdir)}"
+        spec = _fill(spec, folder)
+        flags = [f"--config.{k}={_fill(str(v), folder, workdir=workdir)}"
                  for k, v in (*self.overrides, *extra.items())]
         return [sys.executable, "-m", "vitjax.main", f"--config={spec}",
                 f"--workdir={workdir}", *flags]
+
+
+def checkpoint_path(folder: str) -> str:
+    """Where the generated DeiT-Ti checkpoint of the `init=` rehearsal lies: beside the images."""
+    return str(Path(folder).parent / CHECKPOINT)
+
+
+def _fill(text: str, folder: str, **more) -> str:
+    """An argument or override with {folder}, {checkpoint} (and {workdir}) filled in."""
+    return text.format(folder=folder, checkpoint=checkpoint_path(folder), **more)
 
 
 def _items(*blocks: dict, **more) -> tuple[tuple[str, object], ...]:
@@ -89,6 +117,10 @@ REHEARSALS = {r.name: r for r in (
     Rehearsal("digits", "digits.py", overrides=_items(DIGITS)),
     Rehearsal("digits:flops=0.5,compare,distilled", "digits.py", "flops=0.5,compare,distilled",
               _items(DIGITS)),
+    # At 40% DynamicViT cannot reach the pruned model's FLOPs on the 4-block model with a
+    # distillation token: refused before pretraining, not after every other stage.
+    Rehearsal("digits:flops=0.4,compare,distilled", "digits.py", "flops=0.4,compare,distilled",
+              _items(DIGITS), refused="DynamicViT with locations (1, 2, 3)"),
     # expand=2 compares with runs/digits; here with the digits rehearsal's workdir.
     Rehearsal("digits:expand=2", "digits.py", "expand=2",
               _items(DIGITS, expand__baseline_workdir="{workdir}/../digits")),
@@ -99,6 +131,8 @@ REHEARSALS = {r.name: r for r in (
     Rehearsal("deit_ti:distilled,compare", "deit_ti.py", "distilled,compare",
               _items(DEIT, FOLDER_DATA)),
     Rehearsal("deit_ti:expand=2", "deit_ti.py", "expand=2", _items(DEIT, FOLDER_DATA)),
+    # The main road: compress a trained DeiT (frozen teacher, then the no-supernet baseline).
+    Rehearsal("deit_ti:init", "deit_ti.py", "init={checkpoint}", _items(DEIT, FOLDER_DATA)),
     Rehearsal("deit_s:flops=0.4", "deit_s.py", "flops=0.4", _items(DEIT, FOLDER_DATA)),
     Rehearsal("deit_b", "deit_b.py", overrides=_items(DEIT, FOLDER_DATA)),
 )}
@@ -125,12 +159,26 @@ def make_image_folder(root: str | os.PathLike, classes: int = FOLDER_CLASSES, tr
     return str(root)
 
 
+def make_timm_checkpoint(path: str | os.PathLike, variant: str = "Ti/16",
+                         num_classes: int = FOLDER_CLASSES, seed: int = 0) -> str:
+    """A timm state dict of `variant` with random weights and `num_classes` classes at the
+    variant's image size (224 px), as `init=` expects a trained DeiT. Returns path."""
+    import jax
+
+    from vitjax.interop import save_timm
+    from vitjax.models import ViT, ViTConfig, init_params
+
+    config = ViTConfig.from_variant(variant, num_classes=num_classes)
+    save_timm(config, jax.device_get(init_params(ViT(config), jax.random.key(seed))), str(path))
+    return str(path)
+
+
 def _load_config(rehearsal: Rehearsal, folder: str):
     path = REPO / "configs" / rehearsal.config
     spec = importlib.util.spec_from_file_location(f"rehearse_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(rehearsal.argument.format(folder=folder) or None)
+    return module.get_config(_fill(rehearsal.argument, folder) or None)
 
 
 def expected_files(rehearsal: Rehearsal, folder: str, workdir: Path) -> list[Path]:
@@ -148,6 +196,9 @@ def run_one(rehearsal: Rehearsal, workdir: Path, folder: str, extra: dict,
             timeout: float | None = None, echo=print) -> dict:
     """Runs one rehearsal in a fresh process; returns {name, ok, seconds, problem}."""
     workdir.mkdir(parents=True, exist_ok=True)
+    uses = rehearsal.argument + "".join(str(v) for _, v in rehearsal.overrides)
+    if "{checkpoint}" in uses and not Path(checkpoint_path(folder)).exists():
+        make_timm_checkpoint(checkpoint_path(folder))
     command = rehearsal.command(str(workdir), folder, extra)
     echo(f"$ {' '.join(command[1:])}")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -175,9 +226,22 @@ def run_one(rehearsal: Rehearsal, workdir: Path, folder: str, extra: dict,
     if not problem and code != 0:
         last = [line for line in lines if line.strip()][-1:] or ["(no output)"]
         problem = f"exit status {code}: {last[0].strip()[:300]}"
+        if code < 0:  # e.g. SIGKILL from the kernel's OOM killer: the output does not say
+            hint = "; out of memory? see dmesg" if -code == signal.SIGKILL else ""
+            problem = f"killed by {signal.Signals(-code).name}{hint} (last line: " \
+                f"{last[0].strip()[:300]})"
     elif "Traceback (most recent call last)" in text:
         problem = "a traceback in the output"
-    if not problem:
+    if rehearsal.refused and problem.startswith("exit status"):
+        errors = [line for line in lines if line.startswith("error:")]
+        begun = [p.parent.name for p in workdir.glob("*/STARTED.json")]
+        problem = ("" if len(errors) == 1 and rehearsal.refused in errors[0] and not begun
+                   and "Traceback (most recent call last)" not in text
+                   else f"{problem}; expected one 'error:' line with {rehearsal.refused!r} "
+                   f"before any stage (stages started: {begun})")
+    elif rehearsal.refused and not problem:
+        problem = f"ran, but should have been refused up front ({rehearsal.refused!r})"
+    elif not problem:
         missing = [str(p.relative_to(workdir)) for p in expected_files(rehearsal, folder, workdir)
                    if not p.exists()]
         if missing:

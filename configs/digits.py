@@ -18,7 +18,8 @@ for FLOPs and time saved. BUILD_NOTES.md has the measured numbers.
 Config arguments (comma-separated): 'flops=F' (the FLOPs budget as a fraction of dense, default
 0.6); 'scratch' (the paper's recipe instead: the supernet trained from random weights, 700
 steps, no teacher); 'init=CHECKPOINT' (start from another trained digits model); 'expand=W'
-(expand-then-compress, implies 'scratch'); 'distilled'; 'compare' (DynamicViT and block pruning).
+(expand-then-compress, implies 'scratch'); 'distilled' (a distillation token; without init=
+it implies 'scratch': the shipped reference has none); 'compare' (DynamicViT and block pruning).
 """
 
 import ml_collections
@@ -34,6 +35,7 @@ from vitjax.configs import (
     from_pretrained_recipe,
     parse_arg,
     prune_config,
+    report_config,
 )
 from vitjax.data.config import digits_data_config, light_augment_config
 from vitjax.search.config import default_search_config
@@ -124,6 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                       ckpt_every=50)
     config.baseline = baseline_config()
     config.export = export_config()
+    config.report = report_config()
     # The second paper's systems at the pruned model's FLOPs: off by default (about 4 more
     # minutes); `configs/digits.py:compare` turns them on.
     config.compare = compare_config(*(("dynamicvit", "block", "block+token")
@@ -131,8 +134,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "expand" in options:
         # A wider model has no trained dense version to start from.
         expand_model_config(config, options["expand"], baseline_workdir="runs/digits")
-    elif not options.get("scratch"):
-        # From the trained model: a finetune-sized schedule with the dense model as teacher.
+    elif not options.get("scratch") and (options.get("init") or not options.get("distilled")):
+        # From the trained model: a finetune-sized schedule with the dense model as teacher
+        # (with 'distilled' only from an init= model that has a distillation token).
         from_pretrained_recipe(config, options.get("init") or DIGITS_REFERENCE, steps=200,
                                finetune_steps=100, lr=5e-4, finetune_lr=2e-4,
                                warmup_steps=30, finetune_warmup_steps=10)

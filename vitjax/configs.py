@@ -195,6 +195,13 @@ def export_config() -> ml_collections.ConfigDict:
     ))
 
 
+def report_config() -> ml_collections.ConfigDict:
+    """`config.report`: how the report stage times every model (forward images/s, one process,
+    alternating): at these batch sizes, the median of `rounds` rounds of `seconds` per model.
+    Fewer or smaller batches shorten the stage (a DeiT-B at batch 64 on a CPU takes minutes)."""
+    return ml_collections.ConfigDict(dict(batch_sizes=(1, 64), rounds=5, seconds=0.2))
+
+
 # From a trained DeiT (`init=`): supernet and finetuning epochs, peak learning rates per 512
 # images, warmup epochs. Sized like DynamicViT's 30 epochs from a pretrained DeiT; the peak
 # rate is half of DeiT's from-scratch 5e-4, the finetuning's a tenth of it.
@@ -267,6 +274,7 @@ def deit_imagenet_config(
     config.finetune = finetune_config()
     config.baseline = baseline_config()
     config.export = export_config()
+    config.report = report_config()
     if expand != 1.0:
         expand_model_config(config, expand)
     if init:

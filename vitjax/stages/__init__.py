@@ -78,7 +78,7 @@ STAGES: dict[str, Stage] = {
               compare.check_config),
         Stage("report", report.run,
               ("pretrain", "score", "criteria", "search", "ablation", "prune", "finetune",
-               "baseline", "export", "compare"), (),
+               "baseline", "export", "compare"), ("report",),
               "report.md with the paper's tables"),
     )
 }

@@ -89,9 +89,13 @@ def run(ctx: Context) -> dict:
         from vitjax.stages.compare import load_model
 
         contenders.update({m: load_model(ctx, m) for m in compare_methods})
-    print(f"[vitjax] report: timing {', '.join(contenders)} at batch 1 and 64 "
-          f"(alternating, 5 rounds of 0.2 s)", flush=True)
-    speed = throughput(contenders, ctx.model_config.image_size)
+    timing = ctx.config.report
+    batches = tuple(int(b) for b in timing.batch_sizes)
+    rounds, seconds = int(timing.rounds), float(timing.seconds)
+    print(f"[vitjax] report: timing {', '.join(contenders)} at batch {_and(batches)} "
+          f"(alternating, {_rounds(rounds)} of {seconds:g} s)", flush=True)
+    speed = throughput(contenders, ctx.model_config.image_size, batches, rounds=rounds,
+                       seconds=seconds)
     if done["pretrain"]:
         acc = done["pretrain"]["metrics"].get(f"eval/{test}/dense/accuracy")
         rows.append(("dense supernet", acc, dense_gmacs, dense_params, speed["dense"]))
@@ -102,19 +106,20 @@ def run(ctx: Context) -> dict:
         if done["finetune"]:
             rows.append(("pruned + finetuned", done["finetune"]["accuracy"].get(test), gmacs,
                          done["finetune"]["params"], speed["pruned"]))
-    cost_lines, summary["cost"] = cost_section(ctx, done, test, speed)
+    cost_lines, summary["cost"] = cost_section(ctx, done, test, speed, batches)
     lines += cost_lines
     lines += ["## Dense vs compressed (Tables 1 and 4)", "",
               f"Accuracy on the {test} split (%); throughput measured by this stage (XLA, "
               f"float32, {jax.devices()[0].platform}, forward only; all models of this report "
-              "in this process, alternating, median of 5 rounds of 0.2 s).", "",
-              "| model | accuracy | GMACs | FLOPs kept | parameters | img/s batch 1 | "
-              "img/s batch 64 |", "|---|---|---|---|---|---|---|"]
+              f"in this process, alternating, median of {_rounds(rounds)} of {seconds:g} s).",
+              "", "| model | accuracy | GMACs | FLOPs kept | parameters | "
+              + _columns("img/s batch {}", batches),
+              "|---|---|---|---|---|" + "---|" * len(batches)]
     for name, acc, gmacs, params, measured in rows:
         lines.append(f"| {name} | {_pct(acc)} | {gmacs:.4g} | {gmacs / dense_gmacs:.1%} | "
-                     f"{params:,} | {measured[1]:.0f} | {measured[64]:.0f} |")
+                     f"{params:,} | {_speeds(measured, batches)}")
     if "pruned" in speed:
-        for batch in (1, 64):
+        for batch in batches:
             ratio = speed["pruned"][batch] / speed["dense"][batch]
             flops_ratio = dense_gmacs / done["prune"]["pruned_gmacs"]
             summary[f"speedup_batch{batch}"] = ratio
@@ -159,7 +164,7 @@ def run(ctx: Context) -> dict:
                   "![criteria](../criteria/criteria.png)", ""]
     # The second paper's systems at matched FLOPs (stage compare).
     if done["compare"] and done["compare"].get("methods"):
-        lines += compare_table(done, rows, test, speed)
+        lines += compare_table(done, rows, test, speed, batches, rounds)
         summary["compare"] = {m: r["accuracy"].get(test) for m, r in
                               done["compare"]["methods"].items()}
     # Every model's measured img/s, for the study's speed rows.
@@ -209,7 +214,8 @@ def _pp(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}"
 
 
-def cost_section(ctx: Context, done: dict, split: str, speed: dict) -> tuple[list[str], dict]:
+def cost_section(ctx: Context, done: dict, split: str, speed: dict,
+                 batches=(1, 64)) -> tuple[list[str], dict]:
     """"How much accuracy does compressing my model cost?": every compressed model as accuracy
     lost against the dense model for the FLOPs and the measured time it saves."""
     pretrain = done["pretrain"] or {}
@@ -222,10 +228,12 @@ def cost_section(ctx: Context, done: dict, split: str, speed: dict) -> tuple[lis
     if reference is None:
         return [], {}
 
+    unmeasured = " | ".join("–" for _ in batches)
+
     def time_saved(model: str) -> str:
         if model not in speed or "dense" not in speed:
-            return "– | –"
-        return " | ".join(f"{1 - speed['dense'][b] / speed[model][b]:.0%}" for b in (1, 64))
+            return unmeasured
+        return " | ".join(f"{1 - speed['dense'][b] / speed[model][b]:.0%}" for b in batches)
 
     rows = []  # (label, accuracy, GMACs, time-saved cells)
     prune, finetune, baseline = done["prune"], done["finetune"], done["baseline"]
@@ -244,15 +252,16 @@ def cost_section(ctx: Context, done: dict, split: str, speed: dict) -> tuple[lis
         if result["reachable"]:
             rows.append((f"supernet sub-network at the {result['target_gmacs'] / dense_gmacs:.0%}"
                          " budget, no finetuning", result["accuracy"], result["best_gmacs"],
-                         "– | –"))
+                         unmeasured))
     lines = ["## What compressing cost", "",
              f"The dense model scores **{_pct(reference)}%** on the {split} split ({source}). "
              "Each compressed model: accuracy lost (percentage points; negative: lost) for the "
              "FLOPs it saves and the forward time it saves (measured below, Tables 1 and 4; "
              "the baseline has the pruned model's architecture, so its time is the pruned "
              "model's).", "",
-             "| model | accuracy | change vs dense (pp) | FLOPs saved | time saved batch 1 | "
-             "time saved batch 64 |", "|---|---|---|---|---|---|"]
+             "| model | accuracy | change vs dense (pp) | FLOPs saved | "
+             + _columns("time saved batch {}", batches),
+             "|---|---|---|---|" + "---|" * len(batches)]
     summary = {"dense": reference, "rows": []}
     for label, acc, gmacs, saved in rows:
         change = None if acc is None else acc - reference
@@ -285,6 +294,11 @@ def ablation_table(ablation: dict, dense_gmacs: float) -> list[str]:
              "|---|---|---|---|---|---|"]
     for result in ablation["dimensions"].values():
         ticks = " | ".join("✓" if d in result["dims"] else "–" for d in ("neuron", "head", "token"))
+        if not result["reachable"] and result.get("reason"):  # InfeasibleTarget
+            # Below the most pruned model, but the policies at the budget are too few to sample.
+            lines.append(f"| {ticks} | no policy found at the budget (too few to sample) | "
+                         f"{result['lowest_gmacs']:.4g} (most pruned) | – |")
+            continue
         if not result["reachable"]:
             lines.append(f"| {ticks} | cannot reach the budget | {result['lowest_gmacs']:.4g} "
                          "(most pruned) | – |")
@@ -370,28 +384,48 @@ def expand_table(ctx: Context, expand, done: dict, split: str) -> list[str]:
     return [*lines, ""]
 
 
-def compare_table(done: dict, rows: list, split: str, speed: dict) -> list[str]:
+def compare_table(done: dict, rows: list, split: str, speed: dict, batches=(1, 64),
+                  rounds: int = 5) -> list[str]:
     """Dense, multi-dimensional (HSIC + GP), DynamicViT, block pruning and block + token at
     matched FLOPs; speed as measured with Tables 1 and 4."""
     compare = done["compare"]
     lines = ["## Against DynamicViT and block pruning at matched FLOPs", "",
              f"Target {compare['target_gmacs']:.4g} GMACs (the pruned model's). Accuracy on the "
              f"{split} split; img/s measured by this stage with Tables 1 and 4 (XLA, float32, "
-             "forward only, alternating in one process, median of 5 rounds).", "",
-             "| method | accuracy | GMACs | parameters | img/s batch 1 | img/s batch 64 |",
-             "|---|---|---|---|---|---|"]
+             f"forward only, alternating in one process, median of {_rounds(rounds)}).", "",
+             "| method | accuracy | GMACs | parameters | " + _columns("img/s batch {}", batches),
+             "|---|---|---|---|" + "---|" * len(batches)]
     named = {"dense supernet": "dense", "pruned + finetuned": "multi-dimensional (HSIC + GP)"}
     for name, acc, gmacs, params, measured in rows:
         if name in named:
             lines.append(f"| {named[name]} | {_pct(acc)} | {gmacs:.4g} | {params:,} | "
-                         f"{measured[1]:.0f} | {measured[64]:.0f} |")
+                         f"{_speeds(measured, batches)}")
     for method, result in compare["methods"].items():
-        measured = speed[method]
         lines.append(f"| {method} | {_pct(result['accuracy'].get(split))} | "
-                     f"{result['gmacs']:.4g} | {result['params']:,} | {measured[1]:.0f} | "
-                     f"{measured[64]:.0f} |")
+                     f"{result['gmacs']:.4g} | {result['params']:,} | "
+                     f"{_speeds(speed[method], batches)}")
     if "dense" in speed and "dynamicvit" in speed:
-        ratio = speed["dynamicvit"][1] / speed["dense"][1]
-        lines += ["", f"DynamicViT at batch 1 runs at {ratio:.2f}x the dense model's speed "
+        batch = batches[0]
+        ratio = speed["dynamicvit"][batch] / speed["dense"][batch]
+        lines += ["", f"DynamicViT at batch {batch} runs at {ratio:.2f}x the dense model's speed "
                   f"({'slower' if ratio < 1 else 'faster'} than dense)."]
     return [*lines, ""]
+
+
+def _columns(header: str, batches) -> str:
+    """Table header cells, one per timed batch size, and the closing bar."""
+    return " | ".join(header.format(b) for b in batches) + " |"
+
+
+def _speeds(measured: dict, batches) -> str:
+    return " | ".join(f"{measured[b]:.0f}" for b in batches) + " |"
+
+
+def _rounds(count: int) -> str:
+    return f"{count} round" + ("" if count == 1 else "s")
+
+
+def _and(items) -> str:
+    """(1, 64) -> '1 and 64'."""
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"

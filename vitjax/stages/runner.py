@@ -232,6 +232,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     ctx = Context(config, epath.Path(os.path.abspath(workdir) if local else workdir))
     ctx.model_config  # noqa: B018  (validates config.model against config.data up front)
     checks.check_target(ctx.model_config, ctx.target_gmacs, ctx.dense_gmacs)
+    checks.check_compare(config, ctx.model_config, ctx.target_gmacs, stages)
     ctx.mesh  # noqa: B018  (config.mesh must fit the devices)
     if ctx.is_main:
         checks.check_workdir(ctx.workdir)

@@ -217,8 +217,10 @@ def _speed_rows(runs: dict, methods: list) -> list[str]:
                        *((m, m) for m in methods)]:
         cells = []
         for batch in ("1", "64"):
+            # A run timed at other batch sizes (config.report.batch_sizes) has no entry.
             ratios = [r["speed"][key][batch] / r["speed"]["dense"][batch]
-                      if key in r.get("speed", {}) and "dense" in r.get("speed", {}) else None
+                      if batch in r.get("speed", {}).get(key, {})
+                      and batch in r.get("speed", {}).get("dense", {}) else None
                       for r in runs.values()]
             known = [x for x in ratios if x is not None]
             if not known:
