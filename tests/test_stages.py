@@ -156,7 +156,7 @@ def test_every_stage_end_to_end_and_the_report_reads_the_stage_outputs(pretraine
     assert "| ✓ | – | – | cannot reach the budget |" in report
     thin = ablation["dimensions"]["head+neuron"]
     assert not thin["reachable"] and "found only 0 of 2" in thin["reason"]
-    assert "| ✓ | ✓ | – | cannot reach the budget |" in report
+    assert "| ✓ | ✓ | – | no policy found at the budget (too few to sample) |" in report
     full = ablation["dimensions"]["head+neuron+token"]
     assert full["evaluations"] == 3 and full["best_gmacs"] <= ablation["target_gmacs"]
     assert f"| ✓ | ✓ | ✓ | {100 * full['accuracy']:.1f} | {full['best_gmacs']:.4g} |" in report
