@@ -45,6 +45,8 @@ CONFIG_CASES = {
     "resume overrides": ({"train.resume_overrides": "lr,model"}, "resume_overrides names"),
     "stage name": ({"stages": "pretrain,bogus"}, "unknown stage(s) ['bogus']"),
     "missing input stage": ({"stages": "score"}, "run the pretrain stage first"),
+    "report batch sizes": ({"report.batch_sizes": (0, 64)}, "config.report.batch_sizes=(0, 64)"),
+    "report rounds": ({"report.rounds": 0}, "config.report.rounds=0: must be an integer >= 1"),
     "label smoothing moved": ({"augment.label_smoothing": 0.1},
                               "config.augment.label_smoothing is no longer read"),
 }

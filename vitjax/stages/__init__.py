@@ -79,7 +79,7 @@ STAGES: dict[str, Stage] = {
         Stage("report", report.run,
               ("pretrain", "score", "criteria", "search", "ablation", "prune", "finetune",
                "baseline", "export", "compare"), ("report",),
-              "report.md with the paper's tables"),
+              "report.md with the paper's tables", report.check_config),
     )
 }
 

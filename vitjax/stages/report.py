@@ -56,6 +56,25 @@ def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+
+def check_config(config) -> None:
+    """config.report: the timing settings, checked before any stage (the report runs last)."""
+    from vitjax.stages.checks import require
+
+    report = config.get("report")
+    if report is None:
+        return
+    sizes = report.get("batch_sizes")
+    ok = isinstance(sizes, (tuple, list)) and len(sizes) > 0 and all(
+        isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes)
+    require(ok, f"config.report.batch_sizes={sizes!r}: give positive batch sizes, e.g. (1, 64)")
+    rounds, seconds = report.get("rounds"), report.get("seconds")
+    require(isinstance(rounds, int) and rounds >= 1,
+            f"config.report.rounds={rounds!r}: must be an integer >= 1")
+    require(isinstance(seconds, (int, float)) and seconds > 0,
+            f"config.report.seconds={seconds!r}: must be > 0 (seconds per timed round)")
+
+
 def run(ctx: Context) -> dict:
     from vitjax.stages.prune import PRUNED_FILE
 
