@@ -50,6 +50,7 @@ except ImportError:  # run from a clone without `pip install -e .`
 import dense_vs_timm  # noqa: E402
 import pruned_speedup  # noqa: E402
 
+from vitjax import fileio  # noqa: E402
 from vitjax.bench import timing  # noqa: E402
 from vitjax.models import ViTConfig  # noqa: E402
 from vitjax.pruning import count_flops  # noqa: E402
@@ -438,8 +439,8 @@ def main(argv=None) -> int:
                   "reps": args.reps, "seconds": args.seconds, "host": timing.cpu_model(),
                   "failed": failed, "rows": rows,
                   "elapsed_s": round(time.perf_counter() - started, 1)}
-        with open(args.json, "w") as f:  # after every section: a killed run keeps its results
-            json.dump(result, f, indent=1)
+        # After every section, atomically: a killed run keeps the last complete results.
+        fileio.write_text(args.json, json.dumps(result, indent=1))
     print_table(rows)
     devices = sorted({r["device"] for r in rows if r.get("device")})
     print(f"\nJAX device(s): {', '.join(devices) or 'none reported'}")

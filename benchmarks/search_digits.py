@@ -10,13 +10,13 @@ paired by seed, at equal evaluation budgets.
 Every method searches the supernet in `--workdir` (its pretrain stage must have run; the config
 is the workdir's config.json, else `--config`) with the objective of its search stage (hold-out
 `config.search.objective`), the same settings (`config.search`) and, per seed, the same initial
-population where the methods sample the same region. Methods: `gp` (the library's default:
-GP + EI + SQP inside U_T's box at the budget widened to the box the supernet was trained in,
-region 'sampled'), `gp-trained` (inside the trained box only), `gp-cube` (over the whole
-space: the behaviour before either region existed, the paper's literal problem (4) with a
-trust region), `authors` (the released code), `random` (U_T), `random-trained` (U_T inside
-the trained region: separates the region's effect from the GP's). `NAME@field=value` changes
-a search setting, e.g. `gp@region_margin=1`.
+population where the methods sample the same region. Methods: `gp` (the library's default: GP +
+EI, `optimizer=auto`: screened U_T draws below 50 points, SQP after; inside U_T's box at the
+budget widened to the box the supernet was trained in, region 'sampled'), `gp-trained` (inside
+the trained box only), `gp-cube` (over the whole space: the behaviour before either region
+existed, the paper's literal problem (4) with a trust region), `authors` (the released code),
+`random` (U_T), `random-trained` (U_T inside the trained region: separates the region's effect
+from the GP's). `NAME@field=value` changes a search setting, e.g. `gp@region_margin=1`.
 
 Resumable and fast: each search logs to OUT/<budget>_<size>_s<seed>_<method>.jsonl and resumes
 from it (`run_search`); hold-out evaluations are cached by keep counts in OUT/evals.jsonl and

@@ -2,6 +2,7 @@
 
     python benchmarks/search_overhead.py                        # 36-d DeiT-S, 100 + 100, 3 seeds
     python benchmarks/search_overhead.py --population 20 --iterations 10 --seeds 1   # quick
+    python benchmarks/search_overhead.py --methods gp,gp@optimizer=slsqp   # a setting changed
 
 Every method searches the same synthetic 36-d problem (`vitjax.search.SyntheticObjective`:
 DeiT-S, 12 neuron + 12 head + 12 token ratios, a smooth stand-in for hold-out accuracy whose
@@ -17,15 +18,26 @@ Goal: GP overhead < 60 s for 100 + 100 on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
+import sys
 import time
 
 import numpy as np
 
 from vitjax.models.config import ViTConfig
 from vitjax.pruning.flops import count_flops
-from vitjax.search import AcquisitionSettings, SearchSpace, SyntheticObjective, run_search
+from vitjax.search import (
+    AcquisitionSettings,
+    SearchSettings,
+    SearchSpace,
+    SyntheticObjective,
+    run_search,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from search_digits import with_overrides  # noqa: E402  (one parser of NAME@field=value)
 
 
 def main():
@@ -40,7 +52,8 @@ def main():
                         help="gp | authors | random | gp-cube (gp over the whole cube instead "
                              "of the region U_T samples from, with the trust region) | "
                              "gp-whole-cube (gp over the whole cube without the trust region: "
-                             "the paper's literal (4))")
+                             "the paper's literal (4)); NAME@field=value changes a search "
+                             "setting, e.g. gp@optimizer=candidates@band=0.02")
     args = parser.parse_args()
 
     config = ViTConfig.from_variant(args.variant)
@@ -57,15 +70,17 @@ def main():
         optima.append(optimum)
         for method in methods:
             objective = SyntheticObjective(config, seed)
+            name, *pairs = method.split("@")
             variant = {}
-            if method in ("gp-cube", "gp-whole-cube"):
+            if name in ("gp-cube", "gp-whole-cube"):
                 variant = dict(region="cube")
-            if method == "gp-whole-cube":
+            if name == "gp-whole-cube":
                 variant["acquisition"] = AcquisitionSettings(trust_region=False)
-            result = run_search(objective, config, target, space=space,
-                                method=method.split("-")[0], population=args.population,
-                                iterations=args.iterations, seed=seed, tol=args.tol,
-                                progress=lambda line: None, **variant)
+            settings = with_overrides(dataclasses.replace(
+                SearchSettings(), method=name.split("-")[0], population=args.population,
+                iterations=args.iterations, seed=seed, tol=args.tol, **variant), pairs)
+            result = run_search(objective, config, target, space=space, settings=settings,
+                                progress=lambda line: None)
             best[method].append(result.best_value)
             overhead[method].append(result.overhead_seconds)
             print(f"seed {seed} {method:13s} best {result.best_value:.4f} (optimum <= "

@@ -8,12 +8,13 @@ patches, 65 tokens) shipped in timm's format (vitjax/assets/digits_vit.safetenso
 tools/make_digits_reference.py), loaded through `config.init.checkpoint` like a DeiT checkpoint.
 The supernet is trained from it for 200 steps over policies at 60% of its dense FLOPs with the
 dense model as teacher; then HSIC scores, the pruning criteria (Fig. 1), the policy search at
-60% of the FLOPs (GP + EI + SQP, with random search and the authors' method at the same
-budget), the dimension ablation and the accuracy-vs-FLOPs front (Table 3 left, Fig. 2); the
-policy is cut out and finetuned (100 steps, same teacher); the no-supernet baseline cuts the
-same policy out of the dense model and trains it as long as supernet + finetuning together;
-export and runs/digits/report/report.md, which opens with what compressing cost: accuracy lost
-for FLOPs and time saved. BUILD_NOTES.md has the measured numbers.
+60% of the FLOPs (GP + EI over screened U_T draws, SQP from 50 evaluations on; with random
+search and the authors' method at the same budget), the dimension ablation and the
+accuracy-vs-FLOPs front (Table 3 left, Fig. 2); the policy is cut out and finetuned (100 steps,
+same teacher); the no-supernet baseline cuts the same policy out of the dense model and trains
+it as long as supernet + finetuning together; export and runs/digits/report/report.md, which
+opens with what compressing cost: accuracy lost for FLOPs and time saved. BUILD_NOTES.md has the
+measured numbers.
 
 Config arguments (comma-separated): 'flops=F' (the FLOPs budget as a fraction of dense, default
 0.6); 'scratch' (the paper's recipe instead: the supernet trained from random weights, 700

@@ -9,9 +9,9 @@ model's), pruned and finetuned accuracy, the no-supernet baseline (the same poli
 dense model and trained as long), GP vs random vs the authors' search, the dimension ablation,
 the criteria comparison and DynamicViT / block pruning / block + token at the pruned model's
 FLOPs as mean +- std, and whether each claim holds, including "the supernet beats the
-no-supernet baseline" (vitjax/stages/study.py defines the verdicts). The argument is configs/digits.py's
-(e.g. 'flops=0.4,scratch' for the from-scratch recipe). BUILD_NOTES.md has the measured run
-time of a full study when one was measured.
+no-supernet baseline" (vitjax/stages/study.py defines the verdicts). The argument is
+configs/digits.py's (e.g. 'flops=0.4,scratch' for the from-scratch recipe). BUILD_NOTES.md has
+the measured run time of a full study when one was measured.
 """
 
 import importlib.util

@@ -2,6 +2,7 @@
 space's maps, SLSQP + rounding + repair feasibility under the exact FLOPs, GP+EI+SQP vs the
 baselines on a synthetic 36-d problem, and resumption from the log."""
 
+import dataclasses
 import json
 import math
 
@@ -503,7 +504,7 @@ def test_every_searched_policy_stays_in_the_trained_region_and_meets_the_budget(
     upper = trained_region(DIGITS, space, trained)
     region = Problem(DIGITS, space, target, upper=upper)
     kwargs = dict(method="gp", population=6, iterations=4, seed=0, tol=0.05, restarts=1,
-                  acquisition=AcquisitionSettings(starts=2, candidates=64),
+                  acquisition=AcquisitionSettings(starts=2, candidates=64, optimizer="slsqp"),
                   progress=lambda line: None, trained_gmacs=trained)
     result = run_search(_FewerHeads(), DIGITS, target, space=space, region="trained", **kwargs)
     assert len(result.history) == 10
@@ -539,7 +540,7 @@ def test_a_region_margin_lets_proposals_drop_one_more_unit_and_samples_in_the_tr
         np.testing.assert_array_equal(keep, fewest - 1)
         assert np.all(wide[4 * d:4 * d + 4] > upper[4 * d:4 * d + 4])
     kwargs = dict(method="gp", population=6, iterations=4, seed=0, tol=0.05, restarts=1,
-                  acquisition=AcquisitionSettings(starts=2, candidates=64),
+                  acquisition=AcquisitionSettings(starts=2, candidates=64, optimizer="slsqp"),
                   progress=lambda line: None, trained_gmacs=trained)
     plain = run_search(_FewerHeads(), DIGITS, target, space=space, region="trained", **kwargs)
     margin = run_search(_FewerHeads(), DIGITS, target, space=space, region="trained",
@@ -574,7 +575,7 @@ def test_the_sampled_region_is_u_ts_box_at_the_target_and_at_least_the_trained_b
     np.testing.assert_allclose(box, scale)
     assert np.all(box > np.asarray(trained_region(DIGITS, space, trained)))
     kwargs = dict(method="gp", population=6, iterations=4, seed=0, tol=0.05, restarts=1,
-                  acquisition=AcquisitionSettings(starts=2, candidates=64),
+                  acquisition=AcquisitionSettings(starts=2, candidates=64, optimizer="slsqp"),
                   progress=lambda line: None, trained_gmacs=trained)
     sampled = run_search(_FewerHeads(), DIGITS, low, space=space, region="sampled", **kwargs)
     cube = run_search(_FewerHeads(), DIGITS, low, space=space, region="cube",
@@ -600,11 +601,11 @@ def test_a_proposal_band_keeps_the_gps_candidates_near_the_budget():
         AcquisitionSettings(band=0.0)
     kwargs = dict(method="gp", population=6, iterations=3, seed=0, tol=0.2, restarts=1,
                   progress=lambda line: None)
+    slsqp = dict(starts=2, candidates=64, optimizer="slsqp")
     wide = run_search(_FewerHeads(), DIGITS, target, space=space,
-                      acquisition=AcquisitionSettings(starts=2, candidates=64), **kwargs)
+                      acquisition=AcquisitionSettings(**slsqp), **kwargs)
     narrow = run_search(_FewerHeads(), DIGITS, target, space=space,
-                        acquisition=AcquisitionSettings(starts=2, candidates=64, band=0.02),
-                        **kwargs)
+                        acquisition=AcquisitionSettings(**slsqp, band=0.02), **kwargs)
     np.testing.assert_array_equal([e.u for e in wide.history if e.iteration == 0],
                                   [e.u for e in narrow.history if e.iteration == 0])
     assert min(e.gmacs for e in wide.history if e.iteration == 0) < 0.9 * target
@@ -613,6 +614,59 @@ def test_a_proposal_band_keeps_the_gps_candidates_near_the_budget():
     problem = Problem(DIGITS, space, target, tol=0.02)
     candidates = problem.sample(np.random.default_rng(0), 64)
     assert np.all(problem.gmacs(candidates) >= 0.98 * target)
+
+
+def test_the_candidates_optimizer_proposes_the_ei_argmax_of_its_screened_u_t_draws():
+    """optimizer='candidates': the proposal is, of `screen` U_T draws within `screen_band`
+    below T (inside the region), the one with the largest EI that is not yet evaluated;
+    recomputed here from the same generator, independently of `maximize_ei`."""
+    space = SearchSpace.paper(4)
+    target = 0.6 * count_flops(DIGITS).total
+    problem = Problem(DIGITS, space, target, tol=0.05,
+                      upper=trained_region(DIGITS, space, target))
+    observed = problem.sample(np.random.default_rng(1), 10)
+    values = np.asarray(_FewerHeads()([space.to_policy(u) for u in observed]))
+    gp = fit_gp(observed, values, restarts=1, rng=np.random.default_rng(0))
+    settings = AcquisitionSettings(optimizer="candidates", screen=300, screen_band=0.02)
+    proposal = propose(gp, problem, best=float(values.max()), q=2,
+                       rng=np.random.default_rng(7), settings=settings, observed=observed,
+                       observed_values=values)
+    screened = dataclasses.replace(problem, tol=0.02).sample(np.random.default_rng(7), 300)
+    scores = numerics(ei)(gp, screened, float(values.max()), 0.0)
+    assert np.array_equal(proposal.u[0], screened[int(np.argmax(scores))])
+    assert np.isclose(proposal.ei[0], scores.max(), rtol=1e-9)
+    gmacs = problem.gmacs(proposal.u)
+    assert np.all(gmacs <= target) and np.all(gmacs >= 0.98 * target)
+    assert np.all(problem.inside(proposal.u)) and not np.array_equal(*proposal.u)
+    with pytest.raises(UserError, match="optimizer"):
+        AcquisitionSettings(optimizer="lbfgs")
+    with pytest.raises(UserError, match="screen_band"):
+        AcquisitionSettings(screen_band=1.5)
+
+
+def test_auto_screens_candidates_on_few_points_and_runs_slsqp_from_slsqp_from(tmp_path):
+    """The default optimizer 'auto' (config.search.optimizer): the EI argmax of U_T draws while
+    the GP holds fewer than slsqp_from points, SLSQP after; every proposal within budget; the
+    log names the optimizer of each iteration; the config keys reach the settings."""
+    space = SearchSpace.paper(4)
+    target = 0.6 * count_flops(DIGITS).total
+    acquisition = AcquisitionSettings(starts=2, candidates=64, screen=128, slsqp_from=8)
+    result = run_search(_FewerHeads(), DIGITS, target, space=space, method="gp",
+                        population=6, iterations=4, seed=0, tol=0.05, restarts=1,
+                        acquisition=acquisition, log_path=tmp_path / "log.jsonl",
+                        progress=lambda line: None)
+    proposals = [r for r in read_log(tmp_path / "log.jsonl") if r["type"] == "propose"
+                 and r["iteration"] > 0]
+    assert [r["optimizer"] for r in proposals] == ["candidates"] * 2 + ["slsqp"] * 2
+    for record in proposals[:2]:  # screened: within 2% below T, unlike SLSQP's 5% band
+        assert all(0.98 * target <= g <= target for g in record["gmacs"])
+    assert all(count_flops(DIGITS, e.policy).total <= target for e in result.history)
+    settings = SearchSettings.from_config(default_search_config())
+    assert (settings.acquisition.optimizer, settings.acquisition.slsqp_from,
+            settings.acquisition.screen, settings.acquisition.screen_band) == (
+                "auto", 50, 4096, 0.02)
+    assert settings.acquisition.resolve(49).optimizer == "candidates"
+    assert settings.acquisition.resolve(50).optimizer == "slsqp"
 
 
 def test_a_log_written_before_new_model_fields_existed_still_resumes(tmp_path):

@@ -15,7 +15,7 @@ import ml_collections
 def default_search_config() -> ml_collections.ConfigDict:
     """The paper's search (Sec. 4: population 100, 100 iterations); every key documented."""
     c = ml_collections.ConfigDict()
-    c.method = "gp"  # 'gp' (GP + EI + SQP) | 'authors' (released code) | 'random' (Table 5)
+    c.method = "gp"  # 'gp' (GP + EI, see optimizer) | 'authors' (released code) | 'random'
     c.population = 100  # m: initial policies from U_T, evaluated before the first GP fit
     c.iterations = 100  # T_gp: search iterations after the initial population
     c.q = 1  # policies proposed per iteration; >1 evaluates a batch in parallel
@@ -28,6 +28,14 @@ def default_search_config() -> ml_collections.ConfigDict:
     c.restarts = 3  # hyper-parameter starts of the first fit (and every restart_every)
     c.restart_every = 10  # other iterations warm-start from the previous fit only
     c.refit_every = 1  # re-fit hyper-parameters every k iterations (else only condition)
+    # How a proposal maximises EI: 'slsqp' (problem (4): SLSQP from the best of `candidates`
+    # U_T draws), 'candidates' (the EI argmax over `screen` U_T draws within `screen_band`
+    # below the target: the authors' screening with this GP) or 'auto' ('candidates' while the
+    # GP holds fewer than `slsqp_from` points, then 'slsqp'; measured in BUILD_NOTES, issue 23).
+    c.optimizer = "auto"
+    c.slsqp_from = 50
+    c.screen = 4096
+    c.screen_band = 0.02  # None: the band `tol` below
     c.starts = 5  # SLSQP starts per proposed policy (the best candidates by EI)
     c.candidates = 512  # random feasible candidates scored by EI to pick the starts
     c.maxiter = 100  # SLSQP iterations per start

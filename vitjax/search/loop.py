@@ -21,9 +21,10 @@ Multi-host: each host runs the same loop on the same log; only `is_writer` write
 compute identical proposals; `sync` (e.g. a broadcast from process 0) makes sure of it where
 hosts might differ in floating point.
 
-`settings.method`: 'gp' (this package: GP + EI + SQP), 'authors' (the released code: EI argmax
-over random candidates) or 'random' (the best of random U_T policies, paper Table 5); all share
-the initial population, the log format and the evaluation budget.
+`settings.method`: 'gp' (this package: GP + EI, maximised over screened U_T draws while the
+GP holds fewer than `acquisition.slsqp_from` points, by SQP after), 'authors' (the released
+code: EI argmax over random candidates) or 'random' (the best of random U_T policies, paper
+Table 5); all share the initial population, the log format and the evaluation budget.
 
 `settings.region`: 'sampled' (default) proposes only inside the box U_T draws the initial
 population from at the search's target, widened to the box the supernet's training policies
@@ -315,8 +316,6 @@ def _propose_gp(problem: Problem, settings: SearchSettings, history: _History,
     if settings.acquisition.trust_region:
         initial = min(1.0, settings.acquisition.initial_length * float(np.max(span)))
         length = trust_region_length(history.improved, initial, settings.acquisition)
-    if settings.acquisition.band is not None:
-        problem = dataclasses.replace(problem, tol=settings.acquisition.band)
     proposal = propose(gp, problem, best=float(np.max(values)), q=settings.q,
                        rng=iteration_rng(settings.seed, iteration, _ACQUIRE),
                        settings=settings.acquisition, observed=u, observed_values=values,
@@ -326,7 +325,8 @@ def _propose_gp(problem: Problem, settings: SearchSettings, history: _History,
     extra = {"gp": gp.params.to_dict(), "ei": [float(v) for v in proposal.ei],
              "predicted": [float(v) for v in mean],
              "predicted_std": [float(v) for v in np.sqrt(var)],
-             "slsqp_success": list(proposal.slsqp_success), "trust_region": length}
+             "slsqp_success": list(proposal.slsqp_success), "trust_region": length,
+             "optimizer": settings.acquisition.resolve(len(values)).optimizer}
     return proposal.u, extra
 
 

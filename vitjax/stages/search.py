@@ -1,6 +1,7 @@
 """Stage `search` (Sec. 3.3, Eq. 3-4, Alg. 1 lines 7-11): the per-layer ratios that maximise the
 hold-out accuracy of the supernet's sub-networks (inherited weights, the supernet's ranks) under
-the FLOPs budget, by GP + expected improvement + SQP (`vitjax.search`).
+the FLOPs budget, by GP + expected improvement (screened U_T draws on few points, SQP from 50 on;
+`vitjax.search`).
 
 Writes search/log.jsonl (every evaluation, flushed before the next one: a killed search resumes
 without re-evaluating), search/best_policy.json, search/result.json and the plots
