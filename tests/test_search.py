@@ -42,6 +42,7 @@ from vitjax.search import (
     trust_region_length,
 )
 from vitjax.search.gp import numerics
+from vitjax.search.space import InfeasibleTarget
 
 DEIT_S = ViTConfig.from_variant("S/16")
 TARGET = 0.6 * count_flops(DEIT_S).total  # the paper's "40% FLOPs reduction"
@@ -642,6 +643,27 @@ def test_the_candidates_optimizer_proposes_the_ei_argmax_of_its_screened_u_t_dra
         AcquisitionSettings(optimizer="lbfgs")
     with pytest.raises(UserError, match="screen_band"):
         AcquisitionSettings(screen_band=1.5)
+
+
+def test_a_screen_band_no_policy_falls_in_proposes_from_the_searchs_band():
+    """Heads pruned alone, tied: the model's FLOPs take four values; at 1.05 x the 3-head
+    model's FLOPs none lies within 2% below the target. The screen then draws from the
+    search's own band (where its initial population came from) instead of ending the search
+    (found by drawing every shipped config's ablation jobs: DeiT-S neurons alone at 60%)."""
+    space = dataclasses.replace(SearchSpace.paper(4), neuron=0.0, token=0.0, head="tied")
+    three_heads = float(space.gmacs(DIGITS, np.array([[0.5]]))[0])
+    target = 1.05 * three_heads
+    problem = Problem(DIGITS, space, target, tol=0.2)
+    with pytest.raises(InfeasibleTarget):
+        dataclasses.replace(problem, tol=0.02).sample(np.random.default_rng(0), 1)
+    observed = space.canonical(DIGITS, np.array([[0.8], [1.0]]))  # 2 heads and 1 head
+    gp = fit_gp(observed, np.array([0.9, 0.8]), restarts=1, rng=np.random.default_rng(0))
+    proposal = propose(gp, problem, best=0.9, q=1, rng=np.random.default_rng(1),
+                       settings=AcquisitionSettings(optimizer="candidates", screen=16),
+                       observed=observed, observed_values=np.array([0.9, 0.8]))
+    assert proposal.band == 0.2
+    assert list(space.to_policy(proposal.u[0]).keep_counts(DIGITS).head) == [3, 3, 3, 3]
+    assert problem.gmacs(proposal.u)[0] == pytest.approx(three_heads)
 
 
 def test_auto_screens_candidates_on_few_points_and_runs_slsqp_from_slsqp_from(tmp_path):

@@ -326,7 +326,8 @@ def _propose_gp(problem: Problem, settings: SearchSettings, history: _History,
              "predicted": [float(v) for v in mean],
              "predicted_std": [float(v) for v in np.sqrt(var)],
              "slsqp_success": list(proposal.slsqp_success), "trust_region": length,
-             "optimizer": settings.acquisition.resolve(len(values)).optimizer}
+             "optimizer": settings.acquisition.resolve(len(values)).optimizer,
+             "band": proposal.band}
     return proposal.u, extra
 
 

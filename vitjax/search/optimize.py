@@ -45,7 +45,7 @@ from vitjax.models.config import ViTConfig
 from vitjax.pruning.flops import relaxed_gmacs
 from vitjax.search.acquisition import ei, ei_values
 from vitjax.search.gp import GaussianProcess, numerics
-from vitjax.search.space import SearchSpace
+from vitjax.search.space import InfeasibleTarget, SearchSpace
 
 BATCH_STRATEGIES = ("kriging_believer", "constant_liar")
 OPTIMIZERS = ("auto", "slsqp", "candidates")
@@ -117,12 +117,14 @@ class Problem:
         ok = (gmacs <= self.target_gmacs) & (gmacs >= self.lower_gmacs)
         return ok if self.upper is None else ok & self.inside(u)
 
-    def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
+    def sample(self, rng: np.random.Generator, count: int, minimum: int | None = None
+               ) -> np.ndarray:
         """`count` points of U_T in the space (and the band, and `sample_upper`), in
-        canonical form (the same models; see `SearchSpace.canonical`)."""
+        canonical form (the same models; see `SearchSpace.canonical`); at least `minimum`
+        (default: all `count`) where the band is too thin for more (`SearchSpace.sample`)."""
         return self.space.canonical(self.config, self.space.sample(
             self.config, rng, count, target_gmacs=self.target_gmacs, tol=self.tol,
-            upper=self.sample_upper))
+            upper=self.sample_upper, minimum=minimum))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +245,7 @@ class Proposal:
     u: np.ndarray  # [q, D], exact-feasible, rounded to integer keep counts
     ei: np.ndarray  # [q] EI of each point under the GP it was proposed from (fantasies added)
     slsqp_success: tuple[bool, ...]  # whether SLSQP reported convergence for the winning start
+    band: float | None = None  # the FLOPs band the points were proposed in (None: <= T only)
 
 
 @functools.lru_cache(maxsize=16)
@@ -350,17 +353,18 @@ def round_and_repair(problem: Problem, u: np.ndarray, score) -> np.ndarray:
     return repair(problem, rounded, score)
 
 
-def _candidates(problem: Problem, rng, centres: np.ndarray, count: int, spread: float):
-    """Feasible starting candidates: U_T draws (typical policies, where the GP interpolates)
-    plus Gaussian perturbations (std `spread`) of the best observed points, a quarter as
-    many."""
+def _candidates(problem: Problem, rng, centres: np.ndarray, count: int, spread: float,
+                minimum: int | None = None):
+    """Feasible starting candidates: U_T draws (typical policies, where the GP interpolates;
+    at least `minimum` of `count` where the band is thin) plus Gaussian perturbations (std
+    `spread`) of the best observed points, a quarter as many."""
     dim = problem.space.dim
     local = np.zeros((0, dim))
     if len(centres):
         picks = centres[rng.integers(0, len(centres), max(count // 4, 1))]
         local = np.clip(picks + rng.normal(0.0, spread, picks.shape), 0.0, problem.bound)
         local = local[problem.feasible(local)]
-    return np.concatenate([problem.sample(rng, count), local])
+    return np.concatenate([problem.sample(rng, count, minimum), local])
 
 
 @numerics
@@ -396,10 +400,11 @@ def maximize_ei(
 
     spread = (step if step is not None else 0.1) / 4
     optimizer = settings.resolve(gp.num_data).optimizer
-    count = settings.candidates
-    if optimizer == "candidates":  # U_T's draws only, as the authors' screening
-        centres, count = centres[:0], settings.screen
-    candidates = _candidates(problem, rng, centres, count, spread)
+    count, minimum = settings.candidates, None
+    if optimizer == "candidates":  # U_T's draws only, as the authors' screening; where the
+        # band holds fewer than `screen` policies (a corner of an ablation), what it holds
+        centres, count, minimum = centres[:0], settings.screen, 1
+    candidates = _candidates(problem, rng, centres, count, spread, minimum)
     values = score(candidates)
     order = np.argsort(-values, kind="stable")
     starts = candidates[order[: settings.starts]]
@@ -461,8 +466,20 @@ def propose(
         raise UserError(f"q (policies per iteration) must be >= 1, got {q}")
     settings = settings.resolve(gp.num_data)  # one optimizer for the whole batch
     band = settings.screen_band if settings.optimizer == "candidates" else settings.band
-    if band is not None:
-        problem = dataclasses.replace(problem, tol=band)
+    args = dict(best=best, q=q, rng=rng, settings=settings, observed=observed,
+                observed_values=observed_values, step=step)
+    if band is None or band == problem.tol:
+        return _propose(gp, problem, **args)
+    try:
+        return _propose(gp, dataclasses.replace(problem, tol=band), **args)
+    except InfeasibleTarget:
+        # Too few policies in the narrower band (e.g. one dimension of DeiT-S pruned alone
+        # within 2% of 60%): propose from the band the initial population was drawn from.
+        return dataclasses.replace(_propose(gp, problem, **args), band=problem.tol)
+
+
+def _propose(gp, problem, *, best, q, rng, settings, observed, observed_values, step
+             ) -> Proposal:
     dim = problem.space.dim
     observed = np.zeros((0, dim)) if observed is None else np.asarray(observed).reshape(-1, dim)
     centres = np.zeros((0, dim))
@@ -485,4 +502,4 @@ def propose(
             else:
                 fantasy = liar
             gp = gp.condition(u[None], [fantasy])
-    return Proposal(np.array(points), np.array(values), tuple(successes))
+    return Proposal(np.array(points), np.array(values), tuple(successes), problem.tol)

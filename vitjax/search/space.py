@@ -421,12 +421,14 @@ class SearchSpace:
         upper=None,
         batch: int = 4096,
         max_draws: int = 2_000_000,
+        minimum: int | None = None,
     ) -> np.ndarray:
         """`count` draws of u from U_T: uniform in the calibrated box, rejected until the exact
         GMACs are <= target (and >= target*(1-tol) with a band). For the paper's space this is
         the distribution of `vitjax.pruning.sampling.sample_policy`; vectorised for thousands of
         candidates per search iteration. `upper` [dim]: stay inside [0, upper] (see
-        `sampling_box`). Deterministic given `rng`."""
+        `sampling_box`). Deterministic given `rng`. `minimum`: after `max_draws` draws return
+        what was found if at least this many (default: `count`, else `InfeasibleTarget`)."""
         self.check_target(config, target_gmacs, upper)
         low, high = self.sampling_box(config, target_gmacs, upper)
         # The same draws as U_T's scalar box when the region does not cut it.
@@ -434,6 +436,8 @@ class SearchSpace:
         found, draws = [], 0
         while sum(len(f) for f in found) < count:
             if draws >= max_draws:
+                if minimum is not None and sum(len(f) for f in found) >= minimum:
+                    break
                 lowest = target_gmacs * (1 - tol) if tol is not None else 0.0
                 raise InfeasibleTarget(
                     f"found only {sum(len(f) for f in found)} of {count} policies with GMACs "
