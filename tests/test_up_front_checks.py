@@ -47,6 +47,20 @@ def test_dynamicvit_out_of_reach_is_refused_before_pretraining(tmp_path):
     assert str(same.value) == message
 
 
+@pytest.mark.parametrize("key, value, named", [("optimizer", "lbfgs", "optimizer"),
+                                                ("screen_band", 1.5, "screen_band"),
+                                                ("method", "bo", "method")])
+def test_a_search_setting_mistake_is_refused_before_pretraining(tmp_path, key, value, named):
+    """config.search was only read by the search stage, after pretraining (minutes here,
+    days on ImageNet); now by the search stage's check, before any stage."""
+    config = load_config("digits")
+    config.search[key] = value
+    with pytest.raises(UserError, match=named) as info:
+        runner.run_pipeline(config, tmp_path / "run")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "pretrain").exists()
+
+
 def test_dynamicvit_out_of_reach_is_one_line_from_the_command_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(

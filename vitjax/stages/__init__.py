@@ -60,7 +60,7 @@ STAGES: dict[str, Stage] = {
         Stage("criteria", criteria.run, ("pretrain",), ("score", "seed", "criteria"),
               "criteria comparison (Fig. 1)"),
         Stage("search", search.run, ("pretrain",), ("search",),
-              "GP + EI policy search (Sec. 3.3; SQP from 50 points on)"),
+              "GP + EI policy search (Sec. 3.3; SQP from 50 points on)", search.check_config),
         Stage("ablation", ablation.run, ("pretrain",), ("ablation", "search"),
               "dimension ablation (Table 3 left) and accuracy-vs-FLOPs front (Fig. 2)",
               ablation.check_config),

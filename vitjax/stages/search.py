@@ -147,6 +147,20 @@ def target_gmacs(ctx: Context) -> float:
     return target
 
 
+def check_config(config) -> None:
+    """config.search read as this stage and the ablation read it: a misspelt method, region,
+    optimizer, kernel, band or space setting is one line before any stage runs, not after the
+    supernet has been trained."""
+    from vitjax.configs import model_config_from
+    from vitjax.search import SearchSettings, SearchSpace
+
+    block = config.get("search")
+    if block is None:
+        return
+    SearchSettings.from_config({k: v for k, v in block.to_dict().items() if k != "baselines"})
+    SearchSpace.from_config(block.space, model_config_from(config).depth)
+
+
 def run(ctx: Context) -> dict:
     from vitjax.search import SearchSettings, SearchSpace, run_search
 
