@@ -228,8 +228,7 @@ def run(args):
     os.makedirs(out, exist_ok=True)
     config = ctx.model_config
     block = ctx.config.search
-    base = SearchSettings.from_config(
-        {k: v for k, v in block.to_dict().items() if k != "baselines"})
+    base = SearchSettings.from_config(block)
     space = SearchSpace.from_config(block.space, config.depth)
     objective = CachedObjective(make_objective(ctx, ctx.load_supernet(replicate=True),
                                                ctx.ranks()), config,

@@ -52,8 +52,7 @@ def main():
         config = load(path, arg)
         model_config = model_config_from(config)
         trained = config.target_flops_fraction * count_flops(model_config).total
-        base = SearchSettings.from_config(
-            {k: v for k, v in config.search.to_dict().items() if k != "baselines"})
+        base = SearchSettings.from_config(config.search)
         for name, dims, target, population in jobs(config, model_config):
             space = _space_for(config.search.space, dims, model_config.depth)
             if _most_pruned_gmacs(space, model_config) > target:

@@ -248,14 +248,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="time per turn (ablate)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        from vitjax.bench import timing
+    from vitjax.bench import timing
 
+    if args.worker:
         spec = json.loads(args.worker)
         forward, params, images = build(spec["variant"], spec["batch"], spec["ablation"])
         timing.serve(lambda: forward(params, images).block_until_ready(), spec["batch"])
         return 0
-    from vitjax.bench import timing
 
     if args.step and args.part == "ablate":
         parser.error("--step profiles the training step with --part=trace only")

@@ -66,7 +66,7 @@ METHODS = ("gp", "authors", "random")
 REGIONS = ("trained", "sampled", "cube")
 _LOGGER = logging.getLogger("vitjax.search")
 
-_STAGE_KEYS = ("space", "objective", "loss_weight", "target_gmacs")
+_STAGE_KEYS = ("space", "objective", "loss_weight", "target_gmacs", "baselines")
 # Generator streams: rng([seed, iteration, stream]).
 _INITIAL, _FIT, _ACQUIRE = 0, 1, 2
 
@@ -129,7 +129,8 @@ class SearchSettings:
     @classmethod
     def from_config(cls, block) -> SearchSettings:
         """From `config.search` (see `vitjax.search.config.default_search_config`); the keys
-        the stage reads itself (space, objective, loss_weight, target_gmacs) are skipped."""
+        the stage reads itself (space, objective, loss_weight, target_gmacs, baselines) are
+        skipped."""
         data = dict(block.to_dict() if hasattr(block, "to_dict") else block)
         for key in _STAGE_KEYS:
             data.pop(key, None)
@@ -326,8 +327,7 @@ def _propose_gp(problem: Problem, settings: SearchSettings, history: _History,
              "predicted": [float(v) for v in mean],
              "predicted_std": [float(v) for v in np.sqrt(var)],
              "slsqp_success": list(proposal.slsqp_success), "trust_region": length,
-             "optimizer": settings.acquisition.resolve(len(values)).optimizer,
-             "band": proposal.band}
+             "optimizer": proposal.optimizer, "band": proposal.band}
     return proposal.u, extra
 
 

@@ -246,6 +246,7 @@ class Proposal:
     ei: np.ndarray  # [q] EI of each point under the GP it was proposed from (fantasies added)
     slsqp_success: tuple[bool, ...]  # whether SLSQP reported convergence for the winning start
     band: float | None = None  # the FLOPs band the points were proposed in (None: <= T only)
+    optimizer: str = "slsqp"  # how EI was maximised ('slsqp' | 'candidates')
 
 
 @functools.lru_cache(maxsize=16)
@@ -407,14 +408,14 @@ def maximize_ei(
     candidates = _candidates(problem, rng, centres, count, spread, minimum)
     values = score(candidates)
     order = np.argsort(-values, kind="stable")
-    starts = candidates[order[: settings.starts]]
-    start_values = values[order[: settings.starts]]
-
     if optimizer == "candidates":
         for index in order:  # already feasible and canonical: no rounding or repair needed
             if not _duplicate(candidates[index], exclude):
                 return candidates[index], float(values[index]), False
         raise RuntimeError("every candidate policy has been evaluated already")
+    starts = candidates[order[: settings.starts]]
+    start_values = values[order[: settings.starts]]
+
     results = []  # (u, success)
     for u0, value0 in zip(starts, start_values, strict=True):
         bound = problem.bound
@@ -502,4 +503,5 @@ def _propose(gp, problem, *, best, q, rng, settings, observed, observed_values, 
             else:
                 fantasy = liar
             gp = gp.condition(u[None], [fantasy])
-    return Proposal(np.array(points), np.array(values), tuple(successes), problem.tol)
+    return Proposal(np.array(points), np.array(values), tuple(successes), problem.tol,
+                    settings.optimizer)

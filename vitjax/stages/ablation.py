@@ -84,8 +84,7 @@ def run(ctx: Context) -> dict:
                             "FLOPs in (0, 1), e.g. (0.4, 0.5, 0.7, 0.8)")
     combos = {name: combination(name) for name in names}
     search = ctx.config.search
-    settings = SearchSettings.from_config(
-        {k: v for k, v in search.to_dict().items() if k != "baselines"})
+    settings = SearchSettings.from_config(search)
     settings = dataclasses.replace(
         settings, population=int(block.get("population", settings.population)),
         iterations=int(block.get("iterations", settings.iterations)))

@@ -157,7 +157,7 @@ def check_config(config) -> None:
     block = config.get("search")
     if block is None:
         return
-    SearchSettings.from_config({k: v for k, v in block.to_dict().items() if k != "baselines"})
+    SearchSettings.from_config(block)
     SearchSpace.from_config(block.space, model_config_from(config).depth)
 
 
@@ -166,8 +166,7 @@ def run(ctx: Context) -> dict:
 
     block = ctx.config.search
     out = ctx.stage_dir("search")
-    settings = SearchSettings.from_config(
-        {k: v for k, v in block.to_dict().items() if k != "baselines"})
+    settings = SearchSettings.from_config(block)
     space = SearchSpace.from_config(block.space, ctx.model_config.depth)
     target = target_gmacs(ctx)
     params = ctx.load_supernet(replicate=True)
