@@ -52,16 +52,38 @@ VARIANTS = {
 
 
 def load_config(workdir: str, path: str | None):
+    """`path`'s config; without it the workdir's config.json laid over configs/digits.py's
+    defaults, so that a workdir written before a key was added still loads (the key takes
+    its default; keys the code no longer has are dropped and named)."""
     import ml_collections
 
-    if path is None and os.path.exists(os.path.join(workdir, "config.json")):
-        with open(os.path.join(workdir, "config.json")) as f:
-            return ml_collections.ConfigDict(json.load(f))
-    path = path or "configs/digits.py"
-    spec = importlib.util.spec_from_file_location("benchmark_config", path)
+    logged = os.path.join(workdir, "config.json")
+    spec = importlib.util.spec_from_file_location("benchmark_config",
+                                                  path or "configs/digits.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    if path is not None or not os.path.exists(logged):
+        return module.get_config()
+    with open(logged) as f:
+        merged, dropped = overlay(module.get_config().to_dict(), json.load(f))
+    if dropped:
+        print(f"{logged}: keys unknown to this code, ignored: {', '.join(dropped)}")
+    return ml_collections.ConfigDict(merged)
+
+
+def overlay(defaults: dict, logged: dict, prefix: str = "") -> tuple[dict, list[str]]:
+    """`logged`'s values over `defaults`, recursively; logged keys absent from the defaults
+    are dropped and returned by their dotted names."""
+    merged, dropped = dict(defaults), []
+    for key, value in logged.items():
+        if key not in defaults:
+            dropped.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(defaults[key], dict):
+            merged[key], inner = overlay(defaults[key], value, f"{prefix}{key}.")
+            dropped += inner
+        else:
+            merged[key] = value
+    return merged, dropped
 
 
 class CachedObjective:

@@ -705,3 +705,30 @@ def test_a_log_written_before_new_model_fields_existed_still_resumes(tmp_path):
     path.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
     with pytest.raises(UserError, match="model"):
         _search(_Counting(), path, iterations=1)
+
+
+def test_search_benchmark_loads_a_workdir_written_by_older_code(tmp_path, monkeypatch):
+    """benchmarks/search_digits.py on a workdir whose config.json predates a key (it takes
+    its default) or holds one removed since (dropped, named): the study's workdirs failed
+    with "AttributeError: cache_eval_mb" before."""
+    import importlib.util
+    import pathlib
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("search_digits",
+                                                  repo / "benchmarks" / "search_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(repo)  # the default config path is relative to the checkout
+    defaults = module.load_config(str(tmp_path), None)  # no config.json: configs/digits.py
+    logged = defaults.to_dict()
+    del logged["data"]["cache_eval_mb"]  # written before the key existed
+    logged["augment"]["label_smoothing"] = 0.1  # a key removed since
+    logged["search"]["population"] = 7  # a logged value wins over the default
+    (tmp_path / "config.json").write_text(json.dumps(logged))
+    config = module.load_config(str(tmp_path), None)
+    assert config.data.cache_eval_mb == defaults.data.cache_eval_mb
+    assert "label_smoothing" not in config.augment
+    assert config.search.population == 7
+    assert module.overlay({"a": {"b": 1}}, {"a": {"b": 2, "c": 3}, "d": 4}) == (
+        {"a": {"b": 2}}, ["a.c", "d"])
