@@ -51,6 +51,10 @@ VARIANTS = {
 }
 
 
+DIGITS_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
+                             "digits.py")
+
+
 def load_config(workdir: str, path: str | None):
     """`path`'s config; without it the workdir's config.json laid over configs/digits.py's
     defaults, so that a workdir written before a key was added still loads (the key takes
@@ -58,8 +62,7 @@ def load_config(workdir: str, path: str | None):
     import ml_collections
 
     logged = os.path.join(workdir, "config.json")
-    spec = importlib.util.spec_from_file_location("benchmark_config",
-                                                  path or "configs/digits.py")
+    spec = importlib.util.spec_from_file_location("benchmark_config", path or DIGITS_CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if path is not None or not os.path.exists(logged):
@@ -71,19 +74,16 @@ def load_config(workdir: str, path: str | None):
     return ml_collections.ConfigDict(merged)
 
 
-def overlay(defaults: dict, logged: dict, prefix: str = "") -> tuple[dict, list[str]]:
-    """`logged`'s values over `defaults`, recursively; logged keys absent from the defaults
-    are dropped and returned by their dotted names."""
-    merged, dropped = dict(defaults), []
-    for key, value in logged.items():
-        if key not in defaults:
-            dropped.append(prefix + key)
-        elif isinstance(value, dict) and isinstance(defaults[key], dict):
-            merged[key], inner = overlay(defaults[key], value, f"{prefix}{key}.")
-            dropped += inner
-        else:
-            merged[key] = value
-    return merged, dropped
+def overlay(defaults: dict, logged: dict) -> tuple[dict, list[str]]:
+    """`logged`'s values over `defaults`, key by dotted key; logged keys absent from the
+    defaults are dropped and returned by their dotted names."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(defaults, sep=".", keep_empty_nodes=True)
+    flat_logged = traverse_util.flatten_dict(logged, sep=".", keep_empty_nodes=True)
+    dropped = sorted(k for k in flat_logged if k not in flat)
+    flat.update((k, v) for k, v in flat_logged.items() if k in flat)
+    return traverse_util.unflatten_dict(flat, sep="."), dropped
 
 
 class CachedObjective:

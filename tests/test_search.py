@@ -707,7 +707,7 @@ def test_a_log_written_before_new_model_fields_existed_still_resumes(tmp_path):
         _search(_Counting(), path, iterations=1)
 
 
-def test_search_benchmark_loads_a_workdir_written_by_older_code(tmp_path, monkeypatch):
+def test_search_benchmark_loads_a_workdir_written_by_older_code(tmp_path):
     """benchmarks/search_digits.py on a workdir whose config.json predates a key (it takes
     its default) or holds one removed since (dropped, named): the study's workdirs failed
     with "AttributeError: cache_eval_mb" before."""
@@ -719,7 +719,6 @@ def test_search_benchmark_loads_a_workdir_written_by_older_code(tmp_path, monkey
                                                   repo / "benchmarks" / "search_digits.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.chdir(repo)  # the default config path is relative to the checkout
     defaults = module.load_config(str(tmp_path), None)  # no config.json: configs/digits.py
     logged = defaults.to_dict()
     del logged["data"]["cache_eval_mb"]  # written before the key existed

@@ -5,10 +5,11 @@ benchmark's `random` searches evaluated at one budget (U_T draws with their hold
 read from OUT/<budget>_*_random.jsonl), and for `--trials` random splits fits each surrogate on
 n of them and predicts 600 others. Prints per n the mean Spearman correlation between the
 predictions and the observed values, and the regret (pp) of the policy the surrogate's mean
-ranks first among the 600.
+ranks first among the 600. First it prints how linear the objective is over those policies
+(5-fold cross-validated R^2 of a linear fit in the ratios, on the values above 0.9).
 
-Needs the options of `i23_surrogate_variants.patch` (`ard`, `input_span` scaling) for the
-`iso*` / `*_x*` rows, which the main code does not have:
+Needs `i23_surrogate_variants.patch` applied (`fit_gp(..., ard=)`, which the main code does
+not have):
 
     git apply benchmarks/experiments/i23_surrogate_variants.patch
     python benchmarks/experiments/surrogate_ranking.py /work/runs/i23b/search_benchmark 0.6
@@ -25,7 +26,8 @@ import numpy as np
 import scipy.stats
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import Matern
-from sklearn.linear_model import RidgeCV
+from sklearn.linear_model import LinearRegression, RidgeCV
+from sklearn.model_selection import cross_val_score
 
 from vitjax.search.gp import fit_gp
 
@@ -80,7 +82,10 @@ def main():
     for scale in (3, 10, 30):
         methods[f"ard_x{scale}"] = ours(True, scale)
         methods[f"iso_x{scale}"] = ours(False, scale)
-    print(f"{len(y)} distinct policies at {args.budget}; {args.trials} splits per size")
+    kept = y > 0.9
+    r2 = cross_val_score(LinearRegression(), x[kept], y[kept], cv=5, scoring="r2").mean()
+    print(f"{len(y)} distinct policies at {args.budget}; linear fit R^2 {r2:.2f} (5-fold, "
+          f"{int(kept.sum())} values > 0.9); {args.trials} splits per size")
     rng = np.random.default_rng(0)
     for n in (int(v) for v in args.sizes.split(",")):
         rho = {k: [] for k in methods}
