@@ -22,7 +22,8 @@ Resumable and fast: each search logs to OUT/<budget>_<size>_s<seed>_<method>.jso
 from it (`run_search`); hold-out evaluations are cached by keep counts in OUT/evals.jsonl and
 shared by every search (a policy's value is deterministic). Prints one line per search, then
 per budget and size the per-seed table of best objective values, the mean paired difference
-GP - authors and GP - random with a sign count (wins/ties/losses), and per method the fraction
+of every GP method (variants included) - authors and - random with its standard error and a
+sign count (wins/ties/losses), and per method the fraction
 of its proposals (iterations after the initial population) outside the trained region, the
 fraction worse than the median initial policy, and the GP's predicted vs observed values.
 """
@@ -181,12 +182,25 @@ def predictions(log_path: str) -> dict:
 
 
 def paired(table, a: str, b: str) -> str:
+    """Mean paired difference a - b over the seeds in pp, its standard error (the sample
+    standard deviation of the differences over sqrt(seeds); '?' for one seed) and the sign
+    count."""
     diffs = np.array([row[a] - row[b] for row in table if a in row and b in row])
     if not len(diffs):
         return "n/a"
     wins, ties = int(np.sum(diffs > 1e-12)), int(np.sum(np.abs(diffs) <= 1e-12))
-    return (f"{100 * diffs.mean():+.3f} pp (wins/ties/losses {wins}/{ties}/"
+    error = (f"{100 * diffs.std(ddof=1) / np.sqrt(len(diffs)):.3f}" if len(diffs) > 1
+             else "?")
+    return (f"{100 * diffs.mean():+.3f} pp ± {error} (wins/ties/losses {wins}/{ties}/"
             f"{len(diffs) - wins - ties})")
+
+
+def comparisons(methods) -> list[tuple[str, str]]:
+    """The pairs the report compares: every GP method (`gp`, `gp-trained`, `gp-cube` and any
+    `gp...@field=value` variant) against each baseline and the other region variants run."""
+    baselines = ("authors", "random", "gp-trained", "gp-cube")
+    return [(a, b) for a in methods if a.split("@")[0] in ("gp", "gp-trained", "gp-cube")
+            for b in baselines if b in methods and b != a]
 
 
 def main():
@@ -316,12 +330,10 @@ def report(results, methods, seeds, budgets, sizes) -> dict:
             print()
             entry = {"budget": budget, "population": population, "iterations": iterations,
                      "seeds": seeds, "best": {m: [row[m] for row in table] for m in methods}}
-            for a in ("gp", "gp-trained", "gp-cube"):
-                for b in ("authors", "random", "gp-trained", "gp-cube"):
-                    if a != b and a in methods and b in methods:
-                        line = paired(table, a, b)
-                        print(f"- {a} - {b}: {line}")
-                        entry[f"{a} - {b}"] = line
+            for a, b in comparisons(methods):
+                line = paired(table, a, b)
+                print(f"- {a} - {b}: {line}")
+                entry[f"{a} - {b}"] = line
             print("\n| method | proposals outside trained region | outside in neuron / head / "
                   "token | evaluated policies outside | proposals worse than median initial | "
                   "GP predicted - observed (mean, MAE, corr) |")

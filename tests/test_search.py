@@ -5,6 +5,7 @@ baselines on a synthetic 36-d problem, and resumption from the log."""
 import dataclasses
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -707,10 +708,8 @@ def test_a_log_written_before_new_model_fields_existed_still_resumes(tmp_path):
         _search(_Counting(), path, iterations=1)
 
 
-def test_search_benchmark_loads_a_workdir_written_by_older_code(tmp_path):
-    """benchmarks/search_digits.py on a workdir whose config.json predates a key (it takes
-    its default) or holds one removed since (dropped, named): the study's workdirs failed
-    with "AttributeError: cache_eval_mb" before."""
+def _benchmark_module():
+    """benchmarks/search_digits.py as a module (it is a script, not part of the package)."""
     import importlib.util
     import pathlib
 
@@ -719,6 +718,14 @@ def test_search_benchmark_loads_a_workdir_written_by_older_code(tmp_path):
                                                   repo / "benchmarks" / "search_digits.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_search_benchmark_loads_a_workdir_written_by_older_code(tmp_path):
+    """benchmarks/search_digits.py on a workdir whose config.json predates a key (it takes
+    its default) or holds one removed since (dropped, named): the study's workdirs failed
+    with "AttributeError: cache_eval_mb" before."""
+    module = _benchmark_module()
     defaults = module.load_config(str(tmp_path), None)  # no config.json: configs/digits.py
     logged = defaults.to_dict()
     del logged["data"]["cache_eval_mb"]  # written before the key existed
@@ -731,3 +738,59 @@ def test_search_benchmark_loads_a_workdir_written_by_older_code(tmp_path):
     assert config.search.population == 7
     assert module.overlay({"a": {"b": 1}}, {"a": {"b": 2, "c": 3}, "d": 4}) == (
         {"a": {"b": 2}}, ["a.c", "d"])
+
+
+def test_search_benchmark_reports_the_paired_difference_with_its_standard_error():
+    """The benchmark's comparison line: mean paired difference, its standard error (checked
+    against scipy.stats.sem) and the sign count; every GP variant is compared with the
+    baselines, baselines are not compared with each other."""
+    import scipy.stats
+
+    module = _benchmark_module()
+    a = np.array([0.9871, 0.9838, 0.9870, 0.9872, 0.9805])
+    b = np.array([0.9870, 0.9869, 0.9870, 0.9867, 0.9871])
+    table = [{"gp": x, "authors": y} for x, y in zip(a, b, strict=True)]
+    line = module.paired(table, "gp", "authors")
+    mean, error = re.match(r"([+-][\d.]+) pp ± ([\d.]+) \(wins/ties/losses 2/1/2\)$",
+                           line).groups()
+    assert float(mean) == pytest.approx(100 * np.mean(a - b), abs=5e-4)
+    assert float(error) == pytest.approx(100 * scipy.stats.sem(a - b), abs=5e-4)
+    assert module.paired(table[:1], "gp", "authors").startswith("+0.010 pp ± ? ")
+    assert module.comparisons(["gp", "authors", "random", "gp@xi=0.001", "gp-trained"]) == [
+        ("gp", "authors"), ("gp", "random"), ("gp", "gp-trained"),
+        ("gp@xi=0.001", "authors"), ("gp@xi=0.001", "random"), ("gp@xi=0.001", "gp-trained"),
+        ("gp-trained", "authors"), ("gp-trained", "random")]
+
+
+def test_a_log_resumes_only_with_the_settings_that_made_its_proposals(tmp_path):
+    """The header records the proposal settings: a resume with another EI margin (or kernel,
+    screen, ...) is refused, naming the setting, its logged and its new value; more iterations
+    extend a finished search; a log from before settings were recorded still resumes; random
+    search has no such settings."""
+    path = tmp_path / "log.jsonl"
+    first = _search(_Counting(), path, iterations=1)
+    header = read_log(path)[0]
+    assert header["settings"]["acquisition"]["xi"] == 0.0 and header["settings"]["restarts"] == 1
+    assert "authors_tol" not in header["settings"] and "iterations" not in header["settings"]
+    with pytest.raises(UserError, match=r"settings\.acquisition\.xi \(logged 0\.0, now 0\.001\)"):
+        _search(_Counting(), path, iterations=1,
+                acquisition=AcquisitionSettings(starts=2, candidates=128, xi=0.001))
+    with pytest.raises(UserError, match=r"settings\.kernel \(logged 'matern52', now 'rbf'\)"):
+        _search(_Counting(), path, iterations=1, kernel="rbf")
+    extended = _Counting()
+    longer = _search(extended, path, iterations=2)  # one more iteration: q = 2 new policies
+    assert len(extended.seen) == 2 and _summary(longer)[:len(first.history)] == _summary(first)
+
+    lines = path.read_text().splitlines()
+    del header["settings"]  # written by older code
+    path.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    replayed = _Counting()
+    assert _summary(_search(replayed, path, iterations=2, kernel="rbf")) == _summary(longer)
+    assert replayed.seen == []
+
+    random_path = tmp_path / "random.jsonl"
+    _search(_Counting(), random_path, method="random", iterations=1)
+    assert read_log(random_path)[0]["settings"] == {}
+    again = _Counting()
+    _search(again, random_path, method="random", iterations=1, kernel="rbf")
+    assert again.seen == []

@@ -3,9 +3,11 @@ evaluation starts, so a killed search resumes from it without evaluating anythin
 
 Records (all carry "type"):
   header   first line: what the search is (method, seed, target, space, model, population, q,
-           tol) and, from the pipeline, its `provenance`: which supernet (its identity) and
-           which objective its values measure. A resumed search must match it; other settings
-           may change between runs.
+           tol, region), the `settings` that shape its proposals (kernel, priors, restarts,
+           acquisition; the authors' screen), and, from the pipeline, its `provenance`: which
+           supernet (its identity) and which objective its values measure. A resumed search
+           must match it (a setting an older log does not record is not compared);
+           `iterations` and `patience` may change between runs.
   propose  iteration t's policies (u in the space's unit cube, the policies, their GMACs) and,
            for the GP, the fitted hyper-parameters: the next iteration warm-starts from them, so
            replaying the log reproduces the uninterrupted search bit for bit.

@@ -211,7 +211,33 @@ def _header(settings: SearchSettings, problem: Problem) -> dict:
         header["region"] = list(problem.upper)
         if problem.sample_upper != problem.upper:
             header["sample_region"] = list(problem.sample_upper)
+    header["settings"] = _proposal_settings(settings)
     return header
+
+
+def _proposal_settings(settings: SearchSettings) -> dict:
+    """The settings that decide the method's proposals, beyond those the header names on its
+    own: a resumed log continues the same search only if they match. `iterations` and
+    `patience` may change (a finished search can be extended); random search has none."""
+    data = dataclasses.asdict(settings)
+    authors = {k: data.pop(k) for k in ("authors_candidates", "authors_tol")}
+    for key in ("method", "population", "q", "seed", "tol", "iterations", "patience"):
+        data.pop(key)
+    return {"gp": data, "authors": authors, "random": {}}[settings.method]
+
+
+def _setting_differences(logged: dict, expected: dict, prefix: str = "settings") -> list[str]:
+    """'settings.acquisition.xi (logged 0.0, now 0.001)' for each setting recorded in both
+    with another value; a setting the log does not record (older code) is not compared."""
+    differ = []
+    for key, value in expected.items():
+        if key not in logged:
+            continue
+        if isinstance(value, dict) and isinstance(logged[key], dict):
+            differ += _setting_differences(logged[key], value, f"{prefix}.{key}")
+        elif logged[key] != value:
+            differ.append(f"{prefix}.{key} (logged {logged[key]!r}, now {value!r})")
+    return differ
 
 
 def trained_region(config: ViTConfig, space: SearchSpace, trained_gmacs: float | None,
@@ -271,7 +297,11 @@ def _check_header(logged: dict, expected: dict, path) -> None:
     if logged.get("type") != "header":
         raise UserError(f"search log {path} does not start with a header; delete it")
     logged = {**logged, "model": _with_model_defaults(logged.get("model"))}
+    # Settings: compared one by one, and only where the log records them (older logs do not).
+    settings = expected.get("settings", {})
+    expected = {k: v for k, v in expected.items() if k != "settings"}
     differ = sorted(k for k in expected if logged.get(k) != expected[k])
+    differ += _setting_differences(logged.get("settings") or {}, settings)
     if "provenance" in differ:  # name what the logged values measured: supernet, objective
         logged_inputs = logged.get("provenance") or {}
         differ.remove("provenance")
@@ -281,7 +311,8 @@ def _check_header(logged: dict, expected: dict, path) -> None:
     if differ:
         raise UserError(
             f"search log {path} belongs to a different search ({', '.join(differ)} differ); "
-            "delete it, use another log path, or restore those settings"
+            "delete it, use another log path, or restore those settings (the pipeline: "
+            "--config.overwrite=True starts the stage over)"
         )
 
 
