@@ -23,9 +23,9 @@ from it (`run_search`); hold-out evaluations are cached by keep counts in OUT/ev
 shared by every search (a policy's value is deterministic). Prints one line per search, then
 per budget and size the per-seed table of best objective values, the mean paired difference
 of every GP method (variants included) - authors and - random with its standard error and a
-sign count (wins/ties/losses), and per method the fraction
-of its proposals (iterations after the initial population) outside the trained region, the
-fraction worse than the median initial policy, and the GP's predicted vs observed values.
+sign count (wins/ties/losses), and per method the fraction of its proposals (iterations after
+the initial population) outside the trained region, the fraction worse than the median
+initial policy, and the GP's predicted vs observed values.
 """
 
 from __future__ import annotations

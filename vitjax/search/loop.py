@@ -226,18 +226,15 @@ def _proposal_settings(settings: SearchSettings) -> dict:
     return {"gp": data, "authors": authors, "random": {}}[settings.method]
 
 
-def _setting_differences(logged: dict, expected: dict, prefix: str = "settings") -> list[str]:
+def _setting_differences(logged: dict, expected: dict) -> list[str]:
     """'settings.acquisition.xi (logged 0.0, now 0.001)' for each setting recorded in both
     with another value; a setting the log does not record (older code) is not compared."""
-    differ = []
-    for key, value in expected.items():
-        if key not in logged:
-            continue
-        if isinstance(value, dict) and isinstance(logged[key], dict):
-            differ += _setting_differences(logged[key], value, f"{prefix}.{key}")
-        elif logged[key] != value:
-            differ.append(f"{prefix}.{key} (logged {logged[key]!r}, now {value!r})")
-    return differ
+    from flax import traverse_util
+
+    logged = traverse_util.flatten_dict(logged, sep=".")
+    return [f"settings.{key} (logged {logged[key]!r}, now {value!r})"
+            for key, value in traverse_util.flatten_dict(expected, sep=".").items()
+            if key in logged and logged[key] != value]
 
 
 def trained_region(config: ViTConfig, space: SearchSpace, trained_gmacs: float | None,
